@@ -1,0 +1,62 @@
+"""`grpo` command line: train, validate, rewards."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+
+from grpo.config import ConfigError, describe, load_config, to_yaml
+
+USAGE_EXAMPLES = """examples:
+  grpo train configs/quickstart.yaml
+  grpo train configs/quickstart.yaml train.max_steps=5 rollout.num_generations=4
+  grpo validate configs/r1_zero_gsm8k.yaml
+  grpo validate --doc          # every config field with its type, default and meaning
+  grpo rewards                 # the built-in reward rules
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="grpo", description="GRPO training for language models.",
+                                     epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [("train", "train a policy with GRPO"), ("validate", "check a config; loads no model")]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", nargs="?", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=5")
+        if name == "validate":
+            p.add_argument("--doc", action="store_true", help="print every config field with its doc and exit")
+    sub.add_parser("rewards", help="list the built-in reward rules")
+    args = parser.parse_args(argv)
+
+    if args.command == "rewards":
+        import rewards
+
+        for name, fn in sorted(rewards.BUILTINS.items()):
+            doc = (inspect.getdoc(fn) or "").splitlines()[0]
+            print(f"{name:<12} {fn.__name__}{inspect.signature(fn)}\n             {doc}")
+        return 0
+    if args.command == "validate" and args.doc:
+        print(describe())
+        return 0
+    if args.config is None:
+        parser.error(f"{args.command} needs a config file, e.g. grpo {args.command} configs/quickstart.yaml")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(to_yaml(cfg), end="")
+        print(f"{args.config}: valid ({cfg.completions_per_step} completions per step, "
+              f"{len(cfg.rewards)} reward rules)", file=sys.stderr)
+        return 0
+    from grpo.trainer import train  # heavy imports only when training
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

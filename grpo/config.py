@@ -1,0 +1,445 @@
+"""Typed, frozen run configuration: the only module that reads YAML.
+
+A config file plus dotted `a.b=c` overrides becomes one `Config` made of frozen dataclasses, one per
+section. Every field has a default and a docstring under it (printed by `grpo validate --doc`). Loading
+checks everything at once and raises `ConfigError` listing every problem with its fix: unknown keys (with the
+nearest valid key), wrong types, impossible combinations, and reward rules that do not resolve. It loads no
+model and knows nothing of training.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, each with where it is and how to fix it."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the config:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"
+    """A local Hugging Face folder, a hub id, a `.gguf` file, or the built-in `smollm2-135m-instruct`."""
+    gguf_file: Optional[str] = None
+    """File name of a GGUF model inside `name_or_path` when that is a folder or hub id holding several files."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype. Keep float32 weights and set train.mixed_precision=bf16 for bf16 compute."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repo. Off unless you trust the repo."""
+    attn_implementation: Optional[str] = "sdpa"
+    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`); null lets it choose."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/arithmetic/train.jsonl"
+    """Training prompts: a local .jsonl/.json/.parquet/.csv file, a folder of them, or a hub dataset name."""
+    split: str = "train"
+    """Split to read from `path`."""
+    prompt_column: str = "question"
+    """Column holding the question text."""
+    answer_column: str = "answer"
+    """Column holding the gold answer that reward rules compare against (GSM8K's `... #### 18` works)."""
+    template: Literal["chat", "r1_zero", "plain"] = "chat"
+    """`chat`: the tokenizer's chat template; `r1_zero`: the DeepSeek-R1-Zero prompt; `plain`: `prompt_format` as is."""
+    prompt_format: str = "{question}"
+    """Text of the user turn; `{question}` is replaced by the prompt column, other `{column}`s by their row values."""
+    system_prompt: Optional[str] = None
+    """System message for the chat template; null keeps the tokenizer's default."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are an error (see `drop_long_prompts`)."""
+    drop_long_prompts: bool = False
+    """Drop over-long prompts (and count them) instead of stopping with an error."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch with the run's seed."""
+    max_samples: Optional[int] = None
+    """Use only the first N rows (before shuffling); null uses all."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_generations: int = 8
+    """G: completions sampled per prompt; advantages are normalised within each group of G."""
+    max_completion_length: int = 64
+    """Most new tokens per completion; longer ones are cut and flagged truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs in the loss use logits divided by it too."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 disables)."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    fn: str = "accuracy"
+    """A built-in rule from `rewards/` (see `grpo rewards`), `path/to/file.py:func`, or `package.module:func`."""
+    weight: float = 1.0
+    """Weight of this rule in the total reward (a weighted sum)."""
+    name: Optional[str] = None
+    """Name used in logs (`reward/<name>`); defaults to the function name."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments passed to the rule; checked against its signature."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.fn.rsplit(":", 1)[-1]
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    beta: float = 0.04
+    """KL penalty coefficient to the frozen reference policy; 0 loads no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator per token (Schulman's k1, k2, k3); DeepSeekMath uses k3."""
+    epsilon: float = 0.2
+    """Clip range: ratios outside [1 - epsilon, 1 + epsilon_high] stop contributing gradient."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range (DAPO's clip-higher uses 0.28); null means `epsilon`."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """Token aggregation: grpo = mean per completion then over completions; see docs/algorithms.md."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
+    num_iterations: int = 1
+    """mu: optimizer updates per rollout batch; pi_old is captured once before them."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many optimizer steps."""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/grpo"
+    """Folder for config.yaml, metrics.jsonl, checkpoints and the final model."""
+    max_steps: int = 100
+    """Training steps; each step samples `prompts_per_step` prompts x G completions."""
+    prompts_per_step: int = 8
+    """B: prompts per step, so B * G completions per step."""
+    micro_batch_size: int = 16
+    """Completions per forward/backward pass; gradients accumulate to one update per step."""
+    seed: int = 42
+    """Seed for data order, sampling and initialisation."""
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision (autocast) for generation and training; bf16 pays on GPUs and CPUs with AVX-512 BF16."""
+    save_every: int = 0
+    """Write output_dir/checkpoint-<step> every N steps (0: only the final model)."""
+    cpu: bool = False
+    """Stay on the CPU even when a GPU is present."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    path: Optional[str] = None
+    """Held-out prompts (same columns and template as `data`); null skips evaluation."""
+    split: str = "train"
+    """Split to read from `path`."""
+    num_prompts: int = 100
+    """Evaluate on the first N rows of `path`."""
+    every: int = 0
+    """Also evaluate every N steps (0: only before and after training)."""
+    batch_size: int = 64
+    """Prompts per greedy generation batch."""
+    reward: str = "accuracy"
+    """Reward rule (by its log name) whose mean is reported as eval accuracy."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """`auto`: online when a wandb API key is configured, offline otherwise (sync later with `wandb sync`)."""
+    project: str = "grpo"
+    """wandb project."""
+    run_name: Optional[str] = None
+    """wandb run name; defaults to the output folder's name."""
+    tags: list = field(default_factory=list)
+    """wandb tags."""
+    log_every: int = 1
+    """Print a console line every N steps (metrics.jsonl gets every step)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: tuple = (RewardSpec(fn="accuracy"),)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.train.prompts_per_step * self.rollout.num_generations
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rewards"] = [dataclasses.asdict(r) for r in self.rewards]
+        return d
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "rewards"}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe() -> str:
+    """Every section and field with its type, default and doc, for `grpo validate --doc`."""
+    out = []
+    for section, cls in [*SECTIONS.items(), ("rewards[]", RewardSpec)]:
+        out.append(f"{section}:")
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r})\n      {docs.get(f.name, '')}")
+    return "\n".join(out)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (safe_load), apply `a.b=c` overrides, and build a validated `Config`."""
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError(source, [f"{where}not valid YAML ({getattr(e, 'problem', e)}); fix the syntax"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(source, ["the top level must be a mapping of sections (model:, data:, ...)"])
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    cfg = _build(raw, problems)
+    problems += _check_combinations(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        problems.append(f"override {item!r}: write overrides as section.key=value, e.g. train.max_steps=5")
+        return
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            problems.append(f"override {item!r}: {p} is not a section")
+            return
+    try:
+        node[leaf] = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:  # not YAML (e.g. a template with braces): keep the text; field types are checked later
+        node[leaf] = value
+
+
+def _build(raw: dict, problems: list[str]) -> Config:
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "rewards":
+            kwargs["rewards"] = _build_rewards(value, problems)
+        elif key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a mapping of fields, got {type(value).__name__}")
+                continue
+            kwargs[key] = _build_section(key, SECTIONS[key], value, problems)
+        else:
+            problems.append(_unknown(key, [*SECTIONS, "rewards"]))
+    return Config(**kwargs)  # built from the valid fields, so combinations are checked even beside other problems
+
+
+def _build_rewards(value: Any, problems: list[str]) -> tuple:
+    if not isinstance(value, list) or not value:
+        problems.append("rewards: expected a non-empty list such as `- {fn: accuracy, weight: 1.0}`")
+        return ()
+    specs = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str):
+            entry = {"fn": entry}
+        if not isinstance(entry, dict):
+            problems.append(f"rewards[{i}]: expected a mapping like {{fn: accuracy, weight: 1.0}}")
+            continue
+        if "fn" not in entry:
+            problems.append(f"rewards[{i}]: missing `fn`; name a built-in rule (see `grpo rewards`) or file.py:func")
+            continue
+        specs.append(_build_section(f"rewards[{i}]", RewardSpec, entry, problems))
+    labels = [s.label for s in specs]
+    for dup in sorted({x for x in labels if labels.count(x) > 1}):
+        problems.append(f"rewards: two rules are logged as {dup!r}; give one a distinct `name:`")
+    return tuple(specs)
+
+
+def _build_section(where: str, cls: type, values: dict, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    good = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(_unknown(f"{where}.{key}", [f"{where}.{f}" for f in fields]))
+            continue
+        ok, value = _coerce(value, hints[key])
+        if not ok:
+            problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            continue
+        good[key] = value
+    return cls(**good)
+
+
+def _unknown(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(sorted(valid))
+    return f"{key}: unknown key; {hint}"
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is not type(None):
+                ok, v = _coerce(value, arg)
+                if ok:
+                    return True, v
+        return False, value
+    if origin is Literal:
+        return value in args, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is list or origin is list:
+        return isinstance(value, list), value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, str):
+        return tp
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_combinations(cfg: Config) -> list[str]:
+    from grpo.scoring import resolve_rule  # rules resolve at load time so `grpo validate` catches them
+
+    p = []
+    r, t, a, o, e = cfg.rollout, cfg.train, cfg.algorithm, cfg.optim, cfg.eval
+    if r.num_generations < 2:
+        p.append(f"rollout.num_generations: is {r.num_generations}; GRPO needs at least 2 completions per group")
+    if t.prompts_per_step < 1:
+        p.append("train.prompts_per_step: must be at least 1")
+    if t.micro_batch_size < 1:
+        p.append("train.micro_batch_size: must be at least 1")
+    elif t.prompts_per_step >= 1 and cfg.completions_per_step % t.micro_batch_size:
+        p.append(
+            f"train.micro_batch_size: {t.micro_batch_size} does not divide the {cfg.completions_per_step} completions "
+            f"per step (prompts_per_step {t.prompts_per_step} x num_generations {r.num_generations}); "
+            f"use a divisor such as {_largest_divisor(cfg.completions_per_step, t.micro_batch_size)}"
+        )
+    if t.max_steps < 0:
+        p.append("train.max_steps: must be >= 0")
+    if r.max_completion_length < 1:
+        p.append("rollout.max_completion_length: must be at least 1")
+    if r.temperature <= 0:
+        p.append("rollout.temperature: must be > 0 (GRPO samples; greedy decoding gives identical completions)")
+    if not 0 < r.top_p <= 1:
+        p.append("rollout.top_p: must be in (0, 1]")
+    if a.beta < 0:
+        p.append("algorithm.beta: must be >= 0")
+    if not 0 <= a.epsilon < 1:
+        p.append("algorithm.epsilon: must be in [0, 1)")
+    if a.epsilon_high is not None and a.epsilon_high < 0:
+        p.append("algorithm.epsilon_high: must be >= 0")
+    if a.num_iterations < 1:
+        p.append("algorithm.num_iterations: must be at least 1")
+    if o.lr <= 0:
+        p.append("optim.lr: must be > 0")
+    if cfg.data.max_prompt_length < 1:
+        p.append("data.max_prompt_length: must be at least 1")
+    if "{question}" not in cfg.data.prompt_format:
+        p.append("data.prompt_format: must contain {question}, where the prompt column goes")
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            resolve_rule(spec)
+        except ValueError as err:
+            p.append(f"rewards[{i}] ({spec.fn}): {err}")
+    if e.path is not None and cfg.rewards and e.reward not in [s.label for s in cfg.rewards]:
+        p.append(f"eval.reward: {e.reward!r} is not one of the configured rewards {[s.label for s in cfg.rewards]}")
+    if e.num_prompts < 1 or e.batch_size < 1:
+        p.append("eval.num_prompts and eval.batch_size: must be at least 1")
+    return p
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)

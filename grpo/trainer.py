@@ -1,0 +1,198 @@
+"""The GRPO training loop: rollout -> score -> advantages -> update -> log -> checkpoint.
+
+Algorithm (DeepSeekMath's GRPO, as configured in the `algorithm` section):
+- Each step draws B prompts and samples G completions for each (N = B * G) from the current policy.
+- Rewards are a weighted sum of rule scores; advantages are rewards normalised within each group
+  (unbiased std, eps 1e-4); groups with equal rewards get advantage 0 and contribute no policy gradient.
+- The loss is the clipped surrogate per token plus beta * KL(pi_theta || pi_ref) (k3 estimator by default)
+  to a frozen copy of the initial policy, averaged per completion and then over completions (loss_type=grpo).
+  beta = 0 creates no reference model.
+- Log-probs use logits divided by the sampling temperature, so the trained distribution is the sampled one.
+- pi_old: with num_iterations = 1 it is the detached current policy (ratio 1, no extra forward pass); with
+  more, log-probs are captured once before the updates.
+- One optimizer step per iteration over the N completions, accumulated over micro-batches whose losses sum
+  exactly to the loss of the whole batch.
+Every phase is timed and logged as time/<phase>.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from grpo.advantages import group_advantages, zero_std_fraction
+from grpo.checkpoint import save_checkpoint, save_model
+from grpo.config import Config, to_yaml
+from grpo.data import PromptSampler, build_examples, load_rows
+from grpo.evaluate import evaluate
+from grpo.logprobs import completion_logprobs
+from grpo.loss import policy_loss
+from grpo.model import load_model, load_tokenizer
+from grpo.rollout import Rollouts, generate
+from grpo.scoring import Scorer, user_code_digest
+from grpo.tracking import NullTracker, Tracker
+
+_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+class PhaseTimer:
+    """Wall time of each named phase of a step, for time/<phase> metrics."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run GRPO as `cfg` says; returns the final metrics (eval before/after when eval is configured)."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    set_seed(cfg.train.seed)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
+                              cpu=cfg.train.cpu)
+    B, G, N = cfg.train.prompts_per_step, cfg.rollout.num_generations, cfg.completions_per_step
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_examples, dropped = build_examples(load_rows(cfg.data.path, cfg.data.split, cfg.data.max_samples),
+                                             cfg.data, tokenizer, cfg.data.path)
+    eval_examples = []
+    if cfg.eval.path is not None:
+        eval_examples, _ = build_examples(load_rows(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts),
+                                          cfg.data, tokenizer, cfg.eval.path)
+    scorer = Scorer(cfg.rewards)
+    policy = load_model(cfg.model, accelerator.device)
+    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.algorithm.beta > 0 else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    updates = cfg.train.max_steps * cfg.algorithm.num_iterations
+    scheduler = get_scheduler(_SCHEDULERS[cfg.optim.scheduler], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                              num_training_steps=max(updates, 1))
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    sampler = PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle)
+    tracker = Tracker(cfg, out, cfg.train.max_steps) if accelerator.is_main_process else NullTracker()
+    model = accelerator.unwrap_model(policy)
+
+    print(f"device {accelerator.device}, mixed precision {cfg.train.mixed_precision}; "
+          f"{len(train_examples)} training prompts ({dropped} over-long dropped), {len(eval_examples)} eval prompts")
+    print(f"per step: {B} prompts x {G} completions = {N} completions, up to {N * cfg.rollout.max_completion_length} "
+          f"new tokens, {N // cfg.train.micro_batch_size} micro-batches of {cfg.train.micro_batch_size}; "
+          f"{cfg.train.max_steps} steps")
+    for spec in cfg.rewards:
+        if (digest := user_code_digest(spec.fn)) is not None:
+            print(f"reward {spec.label}: user code {spec.fn} sha256 {digest}")
+
+    results: dict[str, float] = {}
+    if eval_examples:
+        results["eval/accuracy_before"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, 0)
+
+    for step in range(1, cfg.train.max_steps + 1):
+        timer, started = PhaseTimer(), time.perf_counter()
+        batch = sampler.next_batch(B)
+        with timer("rollout"):
+            rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], G, cfg.rollout,
+                                autocast=accelerator.autocast)
+        with timer("rewards"):
+            scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)])
+        advantages = group_advantages(scores.total, G, cfg.algorithm.scale_rewards).to(accelerator.device)
+        with timer("reference"):
+            old_logprobs = _logprobs(policy, rollouts, cfg, accelerator) if cfg.algorithm.num_iterations > 1 else None
+            ref_logprobs = _logprobs(reference, rollouts, cfg, accelerator) if reference is not None else None
+        with timer("update"):
+            update_metrics = [_update(policy, optimizer, scheduler, rollouts, advantages, old_logprobs, ref_logprobs,
+                                      cfg, accelerator) for _ in range(cfg.algorithm.num_iterations)]
+
+        lengths = rollouts.completion_mask.sum(dim=1).float()
+        metrics = {
+            **scores.metrics(),
+            **update_metrics[-1],
+            "reward_std": scores.total.std().item(),
+            "frac_zero_std_groups": zero_std_fraction(scores.total, G),
+            "completion_length": lengths.mean().item(),
+            "truncated_ratio": rollouts.truncated.float().mean().item(),
+            "lr": scheduler.get_last_lr()[0],
+            **timer.metrics(),
+            "step_time": time.perf_counter() - started,
+        }
+        tracker.log(metrics, step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and accelerator.is_main_process:
+            save_checkpoint(out / f"checkpoint-{step}", model, tokenizer, optimizer, scheduler, step,
+                            sampler.state_dict(), to_yaml(cfg))
+        if cfg.eval.every and eval_examples and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
+            _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, step)
+        results.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
+
+    if eval_examples:
+        results["eval/accuracy_after"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker,
+                                                   cfg.train.max_steps)
+        print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
+              f"before {results['eval/accuracy_before']:.3f}, after {results['eval/accuracy_after']:.3f}")
+    if accelerator.is_main_process:
+        save_model(out / "final", model, tokenizer)
+        print(f"final model saved to {out / 'final'}")
+    tracker.finish()
+    return results
+
+
+def _logprobs(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator) -> torch.Tensor:
+    """Log-probs [N, T] of the rollouts under `model`, without gradients, micro-batch by micro-batch."""
+    with torch.no_grad(), accelerator.autocast():
+        return torch.cat([
+            completion_logprobs(model, ids, mask, rollouts.completion_ids.shape[1], cfg.rollout.temperature)
+            for ids, mask in zip(rollouts.input_ids.split(cfg.train.micro_batch_size),
+                                 rollouts.attention_mask.split(cfg.train.micro_batch_size))
+        ])
+
+
+def _update(policy, optimizer, scheduler, rollouts: Rollouts, advantages, old_logprobs, ref_logprobs,
+            cfg: Config, accelerator: Accelerator) -> dict[str, float]:
+    """One optimizer step on all N completions, accumulated over micro-batches."""
+    a, mb, T = cfg.algorithm, cfg.train.micro_batch_size, rollouts.completion_ids.shape[1]
+    num_tokens = rollouts.completion_mask.sum().item()
+    device = accelerator.device
+    totals: dict[str, float] = defaultdict(float)
+    for start in range(0, advantages.shape[0], mb):
+        rows = slice(start, start + mb)
+        mask = rollouts.completion_mask[rows].to(device)
+        with accelerator.autocast():
+            logprobs = completion_logprobs(policy, rollouts.input_ids[rows].to(device),
+                                           rollouts.attention_mask[rows].to(device), T, cfg.rollout.temperature)
+        loss, metrics = policy_loss(
+            logprobs, logprobs.detach() if old_logprobs is None else old_logprobs[rows], advantages[rows], mask,
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows], beta=a.beta,
+            epsilon_low=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
+            max_completion_length=cfg.rollout.max_completion_length, kl_estimator=a.kl_estimator,
+            num_sequences=advantages.shape[0], num_tokens=num_tokens)
+        accelerator.backward(loss)
+        share = mask.sum().item() / max(num_tokens, 1)  # token-weighted average of the micro-batch metrics
+        totals["loss"] += loss.item()
+        for k, v in metrics.items():
+            totals[k] += v * share
+    if cfg.optim.max_grad_norm > 0:
+        totals["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm).item()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(totals)
+
+
+def _evaluate(model, tokenizer, examples, scorer, cfg: Config, accelerator: Accelerator, tracker, step: int) -> float:
+    metrics = evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast)
+    tracker.log(metrics, step)
+    return metrics["eval/accuracy"]

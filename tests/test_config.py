@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from grpo.cli import main
+from grpo.config import ConfigError, load_config, to_yaml
+
+from conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path)
+    assert cfg.completions_per_step % cfg.train.micro_batch_size == 0
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["train.max_steps=5", "rollout.num_generations=4",
+                                                         "optim.lr=3e-6", "eval.path=null"])
+    assert cfg.train.max_steps == 5 and cfg.rollout.num_generations == 4
+    assert cfg.optim.lr == 3e-6 and cfg.eval.path is None
+
+
+def test_config_is_frozen_and_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs/quickstart.yaml")
+    with pytest.raises(AttributeError):
+        cfg.train.max_steps = 3
+    (tmp_path / "again.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_exits_2_naming_file_key_and_nearest(tmp_path, capsys):
+    path = write(tmp_path, "rollout:\n  num_generation: 4\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "rollout.num_generation: unknown key; did you mean 'rollout.num_generations'?" in err
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    path = write(tmp_path, """
+trian: {max_steps: 3}
+rollout: {num_generations: 1}
+optim: {lr: fast}
+train: {prompts_per_step: 3, micro_batch_size: 4}
+rewards:
+  - {fn: acuracy}
+  - {fn: format, kwargs: {strictly: true}}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "6 problems" in text, text
+    assert "trian: unknown key; did you mean 'train'?" in text
+    assert "optim.lr: expected float, got 'fast'" in text
+    assert "num_generations: is 1; GRPO needs at least 2" in text
+    assert "micro_batch_size: 4 does not divide the 3 completions per step" in text
+    assert "no built-in rule named 'acuracy'. Did you mean 'accuracy'?" in text
+    assert "rewards[1] (format): kwargs {'strictly': True} do not fit" in text and "['strict']" in text
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "train:\n  max_steps: 3\n   bad: [\n")
+    with pytest.raises(ConfigError, match=r"line \d+"):
+        load_config(path)
+
+
+def test_yaml_is_read_with_safe_load(tmp_path):
+    path = write(tmp_path, "train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_user_reward_file_resolves(tmp_path):
+    rules = tmp_path / "my_rules.py"
+    rules.write_text("def short(completion, example, limit=10):\n    return float(len(completion) <= limit)\n")
+    path = write(tmp_path, f"rewards:\n  - {{fn: '{rules}:short', kwargs: {{limit: 5}}, name: brevity}}\n"
+                           f"  - {{fn: '{rules}:missing'}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "has no function 'missing'; it defines ['short']" in str(info.value)
+    assert "problem in the config" in str(info.value)

@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from grpo.loss import kl_per_token, policy_loss
+
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+
+
+def test_kl_estimators_on_known_inputs():
+    lp, ref = torch.tensor([-1.0, -0.5]), torch.tensor([-2.0, -0.5])
+    torch.testing.assert_close(kl_per_token(lp, ref, "k1"), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(kl_per_token(lp, ref, "k2"), torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(kl_per_token(lp, ref, "k3"), torch.tensor([math.exp(-1), 0.0]))
+    with pytest.raises(ValueError, match="k4"):
+        kl_per_token(lp, ref, "k4")
+
+
+def test_on_policy_loss_is_minus_mean_advantage_and_has_gradient():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -9.0, -9.0]], requires_grad=True)
+    adv = torch.tensor([1.0, -2.0])
+    loss, metrics = policy_loss(logprobs, logprobs.detach(), adv, MASK)
+    assert loss.item() == pytest.approx(0.5)  # -mean([1, -2])
+    loss.backward()
+    # d/dlogp of -A * exp(lp - sg(lp)) / |o| / N: row 0 -> -1/3/2, row 1 (one token) -> 2/1/2; masked -> 0
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 6, -1 / 6, -1 / 6], [1.0, 0.0, 0.0]]))
+    assert metrics["clip_ratio"] == 0.0
+
+
+def test_clipping_by_hand():
+    # one completion, two tokens, ratios e^0.5 = 1.6487 (clipped to 1.2) and e^-0.5 = 0.6065 (clipped to 0.8)
+    lp, old = torch.tensor([[0.0, -1.0]]), torch.tensor([[-0.5, -0.5]])
+    loss_pos, m_pos = policy_loss(lp, old, torch.tensor([1.0]), torch.ones(1, 2))
+    # A > 0: min(1.6487, 1.2) = 1.2 and min(0.6065, 0.8) = 0.6065 -> -(1.2 + 0.6065) / 2
+    assert loss_pos.item() == pytest.approx(-(1.2 + math.exp(-0.5)) / 2, abs=1e-6)
+    assert m_pos["clip_ratio/high"] == 0.5 and m_pos["clip_ratio/low"] == 0.0
+    loss_neg, m_neg = policy_loss(lp, old, torch.tensor([-1.0]), torch.ones(1, 2))
+    # A < 0: min(-1.6487, -1.2) = -1.6487 and min(-0.6065, -0.8) = -0.8 -> (1.6487 + 0.8) / 2
+    assert loss_neg.item() == pytest.approx((math.exp(0.5) + 0.8) / 2, abs=1e-6)
+    assert m_neg["clip_ratio/low"] == 0.5 and m_neg["clip_ratio/high"] == 0.0
+    # clip-higher: epsilon_high 0.7 lets ratio 1.6487 through for A > 0
+    loss_hi, _ = policy_loss(lp, old, torch.tensor([1.0]), torch.ones(1, 2), epsilon_high=0.7)
+    assert loss_hi.item() == pytest.approx(-(math.exp(0.5) + math.exp(-0.5)) / 2, abs=1e-6)
+
+
+def test_kl_term_by_hand():
+    lp = torch.tensor([[-1.0, -1.0]])
+    ref = torch.tensor([[-2.0, -1.0]])  # k3: e^-1 and 0
+    loss, metrics = policy_loss(lp, lp, torch.tensor([0.0]), torch.ones(1, 2), ref_logprobs=ref, beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * math.exp(-1) / 2, abs=1e-7)
+    assert metrics["kl"] == pytest.approx(math.exp(-1) / 2, abs=1e-7)
+
+
+def test_loss_types_by_hand():
+    # on-policy, so every per-token loss is -A_i: row 0 has 3 tokens of -1, row 1 one token of +2
+    lp = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -2.0])
+    expect = {"grpo": (-1 + 2) / 2, "bnpo": (-3 + 2) / 4, "dapo": (-3 + 2) / 10, "dr_grpo": (-3 + 2) / (2 * 5)}
+    for loss_type, value in expect.items():
+        loss, _ = policy_loss(lp, lp, adv, MASK, loss_type=loss_type, max_completion_length=5,
+                              num_tokens=10 if loss_type == "dapo" else None)
+        assert loss.item() == pytest.approx(value), loss_type
+
+
+def test_sequence_level_importance_ratio():
+    # GSPO: one ratio per completion, exp(mean log-ratio) = exp((0.5 - 0.5 + 0.3) / 3) = exp(0.1)
+    lp = torch.tensor([[0.5, -0.5, 0.3]])
+    loss, _ = policy_loss(lp, torch.zeros(1, 3), torch.tensor([1.0]), torch.ones(1, 3), importance_level="sequence")
+    assert loss.item() == pytest.approx(-math.exp(0.1), abs=1e-6)
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
+    lp = torch.randn(2, 3, requires_grad=True)
+    for loss_type in ["grpo", "bnpo", "dapo", "dr_grpo"]:
+        loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.tensor([1.0, -1.0]), torch.zeros(2, 3),
+                              loss_type=loss_type, max_completion_length=3)
+        loss.backward()
+        assert loss.item() == 0.0 and lp.grad.abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_micro_batches_sum_to_the_whole_batch(loss_type):
+    torch.manual_seed(0)
+    N, T = 6, 5
+    params = torch.randn(N, T, requires_grad=True)
+    old, ref = torch.randn(N, T), torch.randn(N, T)
+    adv = torch.randn(N)
+    mask = (torch.rand(N, T) > 0.3).float()
+    kw = dict(beta=0.05, loss_type=loss_type, max_completion_length=T)
+
+    full, _ = policy_loss(params, old, adv, mask, ref_logprobs=ref, **kw)
+    (full_grad,) = torch.autograd.grad(full, params)
+    total = 0.0
+    for rows in [slice(0, 2), slice(2, 4), slice(4, 6)]:
+        part, _ = policy_loss(params[rows], old[rows], adv[rows], mask[rows], ref_logprobs=ref[rows], **kw,
+                              num_sequences=N, num_tokens=mask.sum().item())
+        total = total + part
+    (acc_grad,) = torch.autograd.grad(total, params)
+    assert total.item() == pytest.approx(full.item(), abs=1e-6)
+    torch.testing.assert_close(acc_grad, full_grad, atol=1e-6, rtol=0)

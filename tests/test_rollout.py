@@ -1,0 +1,68 @@
+import torch
+
+from grpo.config import RolloutConfig
+from grpo.logprobs import completion_logprobs, position_ids_from_mask, token_logprobs
+from grpo.rollout import completion_mask, generate
+
+from conftest import make_model, make_tokenizer
+
+
+def test_completion_mask_keeps_the_real_eos_when_pad_equals_eos():
+    # eos = pad = 2: the first 2 is a real EOS and stays in the mask; the 2s after it are padding
+    ids = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2], [5, 6, 7, 2]])
+    mask, truncated = completion_mask(ids, [2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, True, False, False]
+
+
+def test_several_eos_ids():
+    mask, truncated = completion_mask(torch.tensor([[4, 9, 3, 3]]), [3, 9])
+    assert mask.tolist() == [[1, 1, 0, 0]] and truncated.tolist() == [False]
+
+
+def test_position_ids_skip_left_padding():
+    assert position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist() == [
+        [0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_token_logprobs_equal_full_log_softmax():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 4, 11), torch.randint(0, 11, (3, 4))
+    full = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(token_logprobs(logits, targets, 0.7), full)
+
+
+def test_left_padded_prompts_score_like_unpadded_ones():
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    model = make_model(len(tok))
+    prompts = ["What is 1 + 2?", "Hi"]
+    completion = tok(["=3.", "=3."], add_special_tokens=False)["input_ids"]
+    batch = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    ids = torch.cat([batch["input_ids"], torch.tensor(completion)], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        padded = completion_logprobs(model, ids, mask, 3, temperature=0.9)
+        for i, prompt in enumerate(prompts):
+            alone = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"] + completion[i]])
+            single = completion_logprobs(model, alone, torch.ones_like(alone), 3, temperature=0.9)
+            torch.testing.assert_close(padded[i], single[0], atol=1e-5, rtol=0)
+
+
+def test_generate_returns_groups_with_consistent_masks():
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    model = make_model(len(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    r = generate(model, tok, ["What is 1 + 2?", "Hi"], 3, RolloutConfig(max_completion_length=6))
+    N, T = r.completion_ids.shape
+    assert N == 6 and T <= 6 and r.prompt_ids.shape[0] == 6 and len(r.texts) == 6
+    assert torch.equal(r.prompt_ids[0], r.prompt_ids[2]) and not torch.equal(r.prompt_ids[2], r.prompt_ids[3])
+    expected_mask, expected_truncated = completion_mask(r.completion_ids, [tok.eos_token_id])
+    assert torch.equal(r.completion_mask, expected_mask) and torch.equal(r.truncated, expected_truncated)
+    for i in range(N):
+        kept = r.completion_ids[i][r.completion_mask[i].bool()]
+        assert r.texts[i] == tok.decode(kept, skip_special_tokens=True)
+    greedy = generate(model, tok, ["Hi"], 2, RolloutConfig(max_completion_length=6), greedy=True)
+    assert torch.equal(greedy.completion_ids[0], greedy.completion_ids[1])
