@@ -153,6 +153,8 @@ class TrainConfig:
     """Seed for data order, sampling and initialisation."""
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision (autocast) for generation and training; bf16 pays on GPUs and CPUs with AVX-512 BF16."""
+    share_prompt: bool = True
+    """Run each group's prompt through the model once and let its G completions attend to it (exact)."""
     save_every: int = 0
     """Write output_dir/checkpoint-<step> every N steps (0: only the final model)."""
     cpu: bool = False

@@ -5,6 +5,8 @@ Knows how to run a causal LM over prompt + completion with left-padded prompts; 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -37,3 +39,59 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
                 logits_to_keep=completion_length + 1, use_cache=False)
     logits = out.logits[:, :-1]  # [N, T, V]: position t predicts completion token t
     return token_logprobs(logits, input_ids[:, -completion_length:], temperature)
+
+
+def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                           completion_mask: torch.Tensor, prompt_index: torch.Tensor,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [n, T] of completions that share prompts, running each prompt through the model once.
+
+    prompt_ids, prompt_mask: [U, P] left-padded distinct prompts; completion_ids, completion_mask: [n, T];
+    prompt_index: [n] which prompt each completion continues. The prompt pass fills a KV cache that is
+    indexed out to the n completions, and the completions attend to it; gradients flow back through the
+    cache into the prompt pass. Equal to `completion_logprobs` on the concatenated rows, with U * P instead
+    of n * P prompt tokens in the forward and backward passes.
+    """
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[:, -1][prompt_index].unsqueeze(1)  # [n, 1, V]: predicts completion token 0
+    T = completion_ids.shape[1]
+    if T == 1:
+        return token_logprobs(first_logits, completion_ids, temperature)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_select_indices(prompt_index)
+    prompt_lengths = prompt_mask.sum(dim=1)[prompt_index]  # [n]
+    positions = prompt_lengths.unsqueeze(1) + torch.arange(T - 1, device=completion_ids.device)  # [n, T - 1]
+    rest = model(input_ids=completion_ids[:, :-1],
+                 attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1),
+                 position_ids=positions, use_cache=True, **{cache_arg: cache})
+    logits = torch.cat([first_logits, rest.logits], dim=1)  # [n, T, V]
+    return token_logprobs(logits, completion_ids, temperature)
+
+
+def rollout_logprobs(model, rollouts, rows: slice, group_size: int, temperature: float = 1.0,
+                     share_prompt: bool = True) -> torch.Tensor:
+    """Log-probs [n, T] of completions rollouts[rows], n = rows.stop - rows.start.
+
+    share_prompt runs each group's prompt once (`shared_prefix_logprobs`); otherwise every row carries its
+    prompt. Either way, prompt columns that are padding in every selected row are dropped first; the
+    result is the same as without the trimming (padding is masked and positions come from the mask).
+    """
+    completion_ids, completion_mask = rollouts.completion_ids[rows], rollouts.completion_mask[rows]
+    T = completion_ids.shape[1]
+    if share_prompt:
+        first = rows.start // group_size
+        prompt_rows = torch.arange(first, (rows.stop - 1) // group_size + 1) * group_size
+        prompt_ids, prompt_mask = _trim_left(rollouts.prompt_ids[prompt_rows], rollouts.prompt_mask[prompt_rows])
+        index = torch.arange(rows.start, rows.stop) // group_size - first
+        return shared_prefix_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                      index.to(prompt_ids.device), temperature)
+    prompt_ids, prompt_mask = _trim_left(rollouts.prompt_ids[rows], rollouts.prompt_mask[rows])
+    return completion_logprobs(model, torch.cat([prompt_ids, completion_ids], dim=1),
+                               torch.cat([prompt_mask, completion_mask], dim=1), T, temperature)
+
+
+def _trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    start = int(mask.any(dim=0).long().argmax())  # first column with a real token in some row
+    return ids[:, start:], mask[:, start:]

@@ -1,17 +1,23 @@
 """Rollout: the only place that generates. A faster backend (vLLM, say) replaces this module alone.
 
-Samples G completions per prompt with transformers' `generate` and returns them as token ids with masks.
-Knows nothing of rewards or losses.
+Samples G completions per prompt with a KV-cached decoding loop over any transformers causal LM:
+- each distinct prompt is prefilled once and its cache is repeated for its G completions;
+- finished rows leave the batch (their cache rows are dropped), and decoding stops when all have finished;
+- sampling draws one uniform number per row and inverts the CDF of softmax(logits / temperature),
+  after optional top-k / top-p filtering; greedy decoding takes the argmax.
+Returns token ids with masks; knows nothing of rewards or losses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import GenerationConfig
+
+from grpo.logprobs import position_ids_from_mask
 
 
 @dataclass
@@ -24,14 +30,6 @@ class Rollouts:
     completion_mask: torch.Tensor  # [N, T] 1 up to and including the first EOS
     truncated: torch.Tensor  # [N] bool: no EOS within max_completion_length
     texts: list[str]  # N decoded completions, special tokens removed
-
-    @property
-    def input_ids(self) -> torch.Tensor:  # [N, P + T]
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:  # [N, P + T]
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
@@ -50,10 +48,34 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     """
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     T = completion_ids.shape[1]
-    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    no_eos = torch.full_like(is_eos[:, 0], T, dtype=torch.long)
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), no_eos)
     positions = torch.arange(T, device=completion_ids.device).unsqueeze(0)
     mask = (positions <= first_eos.unsqueeze(1)).long()
     return mask, ~is_eos.any(dim=1)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  greedy: bool = False) -> torch.Tensor:
+    """One token per row of logits [n, V], drawn from softmax(logits / temperature) -> [n].
+
+    top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the smallest set of most likely tokens whose
+    probability reaches top_p. Sampling inverts the CDF with one uniform draw per row (torch's global RNG).
+    """
+    if greedy:
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already >= p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -62,37 +84,51 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
     """Sample `num_generations` completions for each prompt under `cfg` (a RolloutConfig).
 
     greedy=True decodes deterministically (for evaluation). `autocast` makes the mixed-precision context
-    to generate in (e.g. `accelerator.autocast`). Generation stops as soon as every sequence
-    has produced an EOS.
+    to generate in (e.g. `accelerator.autocast`).
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    prompt_ids = enc["input_ids"].repeat_interleave(num_generations, dim=0)  # [N, P]
-    prompt_mask = enc["attention_mask"].repeat_interleave(num_generations, dim=0)  # [N, P]
-    eos_ids = eos_token_ids(tokenizer, model)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=cfg.max_completion_length,
-        do_sample=not greedy,
-        temperature=cfg.temperature if not greedy else None,
-        top_p=cfg.top_p if not greedy else None,
-        top_k=(cfg.top_k or None) if not greedy else None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids,
-        use_cache=True,
-    )
+    G, eos_ids = num_generations, eos_token_ids(tokenizer, model)
+    eos = torch.tensor(eos_ids, device=device)
+    pad = tokenizer.pad_token_id
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
     with autocast():
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                    position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(G)
+        logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [n, V] for the n rows still running
+        attention = enc["attention_mask"].repeat_interleave(G, dim=0)  # [n, P + t]
+        positions = attention.sum(dim=1, keepdim=True)  # [n, 1]
+        N = attention.shape[0]
+        tokens = torch.full((N, cfg.max_completion_length), pad, dtype=torch.long, device=device)
+        active = torch.arange(N, device=device)  # rows of `tokens` still generating
+        for t in range(cfg.max_completion_length):
+            next_tokens = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, greedy)  # [n]
+            tokens[active, t] = next_tokens
+            running = ~torch.isin(next_tokens, eos)
+            if t == cfg.max_completion_length - 1 or not running.any():
+                break
+            if not running.all():  # finished rows leave the batch
+                keep = running.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, next_tokens, attention, positions = active[keep], next_tokens[keep], attention[keep], positions[keep]
+            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+            out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention, position_ids=positions,
+                        use_cache=True, **{cache_arg: cache})
+            logits, positions = out.logits[:, -1], positions + 1
     model.train(was_training)
-    P = prompt_ids.shape[1]
-    completion_ids = out[:, P:]
-    mask, truncated = completion_mask(completion_ids, eos_ids)
-    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+
+    mask, truncated = completion_mask(tokens, eos_ids)
+    T = int(mask.sum(dim=1).max())
+    tokens, mask = tokens[:, :T], mask[:, :T]
+    texts = tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad), skip_special_tokens=True)
     return Rollouts(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
+        prompt_ids=enc["input_ids"].repeat_interleave(G, dim=0),
+        prompt_mask=enc["attention_mask"].repeat_interleave(G, dim=0),
+        completion_ids=tokens,
         completion_mask=mask,
         truncated=truncated,
         texts=texts,

@@ -33,7 +33,7 @@ from grpo.checkpoint import save_checkpoint, save_model
 from grpo.config import Config, to_yaml
 from grpo.data import PromptSampler, build_examples, load_rows
 from grpo.evaluate import evaluate
-from grpo.logprobs import completion_logprobs
+from grpo.logprobs import rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
 from grpo.rollout import Rollouts, generate
@@ -152,27 +152,28 @@ def train(cfg: Config) -> dict[str, float]:
 
 def _logprobs(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator) -> torch.Tensor:
     """Log-probs [N, T] of the rollouts under `model`, without gradients, micro-batch by micro-batch."""
+    mb = cfg.train.micro_batch_size
     with torch.no_grad(), accelerator.autocast():
-        return torch.cat([
-            completion_logprobs(model, ids, mask, rollouts.completion_ids.shape[1], cfg.rollout.temperature)
-            for ids, mask in zip(rollouts.input_ids.split(cfg.train.micro_batch_size),
-                                 rollouts.attention_mask.split(cfg.train.micro_batch_size))
-        ])
+        return torch.cat([_micro_batch_logprobs(model, rollouts, slice(start, start + mb), cfg)
+                          for start in range(0, rollouts.completion_ids.shape[0], mb)])
+
+
+def _micro_batch_logprobs(model, rollouts: Rollouts, rows: slice, cfg: Config) -> torch.Tensor:
+    return rollout_logprobs(model, rollouts, rows, cfg.rollout.num_generations, cfg.rollout.temperature,
+                            share_prompt=cfg.train.share_prompt)
 
 
 def _update(policy, optimizer, scheduler, rollouts: Rollouts, advantages, old_logprobs, ref_logprobs,
             cfg: Config, accelerator: Accelerator) -> dict[str, float]:
     """One optimizer step on all N completions, accumulated over micro-batches."""
-    a, mb, T = cfg.algorithm, cfg.train.micro_batch_size, rollouts.completion_ids.shape[1]
+    a, mb = cfg.algorithm, cfg.train.micro_batch_size
     num_tokens = rollouts.completion_mask.sum().item()
-    device = accelerator.device
     totals: dict[str, float] = defaultdict(float)
     for start in range(0, advantages.shape[0], mb):
         rows = slice(start, start + mb)
-        mask = rollouts.completion_mask[rows].to(device)
+        mask = rollouts.completion_mask[rows]
         with accelerator.autocast():
-            logprobs = completion_logprobs(policy, rollouts.input_ids[rows].to(device),
-                                           rollouts.attention_mask[rows].to(device), T, cfg.rollout.temperature)
+            logprobs = _micro_batch_logprobs(policy, rollouts, rows, cfg)
         loss, metrics = policy_loss(
             logprobs, logprobs.detach() if old_logprobs is None else old_logprobs[rows], advantages[rows], mask,
             ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows], beta=a.beta,

@@ -2,7 +2,7 @@ import torch
 
 from grpo.config import RolloutConfig
 from grpo.logprobs import completion_logprobs, position_ids_from_mask, token_logprobs
-from grpo.rollout import completion_mask, generate
+from grpo.rollout import completion_mask, generate, sample_tokens
 
 from conftest import make_model, make_tokenizer
 
@@ -66,3 +66,40 @@ def test_generate_returns_groups_with_consistent_masks():
         assert r.texts[i] == tok.decode(kept, skip_special_tokens=True)
     greedy = generate(model, tok, ["Hi"], 2, RolloutConfig(max_completion_length=6), greedy=True)
     assert torch.equal(greedy.completion_ids[0], greedy.completion_ids[1])
+
+
+def test_greedy_decoding_matches_transformers_generate():
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    model = make_model(len(tok), seed=3)
+    prompts = ["What is 1 + 2?", "Hi", "<|im_start|>user\nabc"]
+    ours = generate(model, tok, prompts, 2, RolloutConfig(max_completion_length=12), greedy=True)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
+    for i in range(len(prompts)):
+        n = int(ours.completion_mask[2 * i].sum())
+        assert ours.completion_ids[2 * i, :n].tolist() == ref[i, :n].tolist()
+        assert torch.equal(ours.completion_ids[2 * i], ours.completion_ids[2 * i + 1])
+
+
+def test_sampling_follows_the_tempered_distribution():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0 + 1e-9]])).repeat(20000, 1)
+    counts = torch.bincount(sample_tokens(logits), minlength=4).float() / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015, rtol=0)
+    # temperature 2: probabilities proportional to sqrt(p) = [0.7071, 0.5477, 0.4472] / 1.7020
+    counts = torch.bincount(sample_tokens(logits, temperature=2.0), minlength=4).float() / 20000
+    torch.testing.assert_close(counts[:3], torch.tensor([0.4155, 0.3218, 0.2628]), atol=0.015, rtol=0)
+
+
+def test_top_k_and_top_p_filtering():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
+    # top_k 2 -> renormalised [0.625, 0.375]
+    counts = torch.bincount(sample_tokens(logits, top_k=2), minlength=4).float() / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
+    # top_p 0.7: 0.5 < 0.7, 0.5 + 0.3 >= 0.7 -> keep two tokens
+    assert set(sample_tokens(logits, top_p=0.7).tolist()) == {0, 1}
+    # top_p 0.9: 0.8 < 0.9 -> the third token joins
+    assert set(sample_tokens(logits, top_p=0.9).tolist()) == {0, 1, 2}
