@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 CONSOLE_KEYS = [("reward", "reward", "{:.3f}"), ("eval/accuracy", "eval_acc", "{:.3f}"), ("kl", "kl", "{:.4f}"),
-                ("completion_length", "len", "{:.1f}"), ("loss", "loss", "{:+.4f}"), ("step_time", "time", "{:.1f}s")]
+                ("completion_length", "len", "{:.1f}"), ("grad_norm", "grad_norm", "{:.3f}"), ("step_time", "time", "{:.1f}s")]
 
 
 class NullTracker:
