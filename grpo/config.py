@@ -119,6 +119,24 @@ class AlgorithmConfig:
     """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
     num_iterations: int = 1
     """mu: optimizer updates per rollout batch; pi_old is captured once before them."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (GRPO) or one per completion from the mean token log-ratio (GSPO)."""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """Where beta * KL goes: a term of the loss per token, or subtracted from each completion's reward."""
+    ref_reset_every: int = 0
+    """Copy the current policy into the reference model every N steps (0: never)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts until the batch is full."""
+    max_sampling_rounds: int = 4
+    """Most rollout rounds per step with dynamic_sampling; a step trains on what it has after them."""
+    truncated_completions: Literal["keep", "mask", "penalize"] = "keep"
+    """Completions cut at max_completion_length: train on them, leave them out of the loss, or apply
+    DAPO's soft overlong penalty to their reward (see overlong_buffer)."""
+    overlong_buffer: int = 0
+    """penalize: completions within this many tokens of max_completion_length lose reward linearly, up to
+    overlong_penalty at the limit (DAPO's soft overlong punishment); 0 penalises only truncated ones."""
+    overlong_penalty: float = 1.0
+    """penalize: the reward lost by a completion that reaches max_completion_length."""
 
 
 @dataclass(frozen=True)
@@ -425,6 +443,14 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("algorithm.epsilon_high: must be >= 0")
     if a.num_iterations < 1:
         p.append("algorithm.num_iterations: must be at least 1")
+    if a.kl_penalty == "reward" and a.beta == 0:
+        p.append("algorithm.kl_penalty: 'reward' needs algorithm.beta > 0")
+    if a.ref_reset_every and a.beta == 0:
+        p.append("algorithm.ref_reset_every: there is no reference model when algorithm.beta is 0")
+    if a.max_sampling_rounds < 1:
+        p.append("algorithm.max_sampling_rounds: must be at least 1")
+    if not 0 <= a.overlong_buffer < r.max_completion_length:
+        p.append(f"algorithm.overlong_buffer: must be in [0, rollout.max_completion_length={r.max_completion_length})")
     if o.lr <= 0:
         p.append("optim.lr: must be > 0")
     if cfg.data.max_prompt_length < 1:

@@ -15,21 +15,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   entropy: list | None = None) -> torch.Tensor:
     """log softmax(logits / temperature)[target] for each position: logits [N, T, V], targets [N, T] -> [N, T].
 
-    Computed row by row in float32 so no second [N, T, V] tensor is held beside the logits.
+    Computed row by row in float32 so no second [N, T, V] tensor is held beside the logits. When a list is
+    passed as `entropy`, the entropy [N, T] of each position's distribution, -sum_v p_v log p_v, is appended
+    to it (without gradient).
     """
-    rows = []
+    rows, entropies = [], []
     for row_logits, row_targets in zip(logits, targets):  # row_logits [T, V]
         scaled = row_logits.float() / temperature
-        picked = scaled.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(scaled, dim=-1))
+        normaliser = torch.logsumexp(scaled, dim=-1)  # [T]
+        rows.append(scaled.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - normaliser)
+        if entropy is not None:
+            with torch.no_grad():
+                entropies.append(normaliser - (torch.softmax(scaled, dim=-1) * scaled).sum(dim=-1))
+    if entropy is not None:
+        entropy.append(torch.stack(entropies))
     return torch.stack(rows)
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
-                        temperature: float = 1.0) -> torch.Tensor:
+                        temperature: float = 1.0, entropy: list | None = None) -> torch.Tensor:
     """Log-probs [N, T] of the last T = completion_length tokens of input_ids [N, P + T].
 
     Left-padded prompts get positions from the attention mask, so a padded row scores as it would alone.
@@ -38,12 +46,12 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 logits_to_keep=completion_length + 1, use_cache=False)
     logits = out.logits[:, :-1]  # [N, T, V]: position t predicts completion token t
-    return token_logprobs(logits, input_ids[:, -completion_length:], temperature)
+    return token_logprobs(logits, input_ids[:, -completion_length:], temperature, entropy)
 
 
 def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                            completion_mask: torch.Tensor, prompt_index: torch.Tensor,
-                           temperature: float = 1.0) -> torch.Tensor:
+                           temperature: float = 1.0, entropy: list | None = None) -> torch.Tensor:
     """Log-probs [n, T] of completions that share prompts, running each prompt through the model once.
 
     prompt_ids, prompt_mask: [U, P] left-padded distinct prompts; completion_ids, completion_mask: [n, T];
@@ -58,7 +66,7 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     first_logits = out.logits[:, -1][prompt_index].unsqueeze(1)  # [n, 1, V]: predicts completion token 0
     T = completion_ids.shape[1]
     if T == 1:
-        return token_logprobs(first_logits, completion_ids, temperature)
+        return token_logprobs(first_logits, completion_ids, temperature, entropy)
     cache = getattr(out, "cache", None) or out.past_key_values
     cache.batch_select_indices(prompt_index)
     prompt_lengths = prompt_mask.sum(dim=1)[prompt_index]  # [n]
@@ -67,17 +75,18 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
                  attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1),
                  position_ids=positions, use_cache=True, **{cache_arg: cache})
     logits = torch.cat([first_logits, rest.logits], dim=1)  # [n, T, V]
-    return token_logprobs(logits, completion_ids, temperature)
+    return token_logprobs(logits, completion_ids, temperature, entropy)
 
 
 def rollout_logprobs(model, rollouts, rows: slice, group_size: int, temperature: float = 1.0,
-                     share_prompt: bool = True) -> torch.Tensor:
+                     share_prompt: bool = True, entropy: list | None = None) -> torch.Tensor:
     """Log-probs [n, T] of completions rollouts[rows], n = rows.stop - rows.start.
 
     share_prompt runs each group's prompt once (`shared_prefix_logprobs`); otherwise every row carries its
     prompt. Either way, prompt columns that are padding in every selected row are dropped first; the
     result is the same as without the trimming (padding is masked and positions come from the mask).
     """
+    rows = slice(rows.start, min(rows.stop, rollouts.completion_ids.shape[0]))
     completion_ids, completion_mask = rollouts.completion_ids[rows], rollouts.completion_mask[rows]
     T = completion_ids.shape[1]
     if share_prompt:
@@ -86,10 +95,10 @@ def rollout_logprobs(model, rollouts, rows: slice, group_size: int, temperature:
         prompt_ids, prompt_mask = _trim_left(rollouts.prompt_ids[prompt_rows], rollouts.prompt_mask[prompt_rows])
         index = torch.arange(rows.start, rows.stop) // group_size - first
         return shared_prefix_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                      index.to(prompt_ids.device), temperature)
+                                      index.to(prompt_ids.device), temperature, entropy)
     prompt_ids, prompt_mask = _trim_left(rollouts.prompt_ids[rows], rollouts.prompt_mask[rows])
     return completion_logprobs(model, torch.cat([prompt_ids, completion_ids], dim=1),
-                               torch.cat([prompt_mask, completion_mask], dim=1), T, temperature)
+                               torch.cat([prompt_mask, completion_mask], dim=1), T, temperature, entropy)
 
 
 def _trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,31 @@ class Rollouts:
     truncated: torch.Tensor  # [N] bool: no EOS within max_completion_length
     texts: list[str]  # N decoded completions, special tokens removed
 
+    def select(self, rows: torch.Tensor) -> "Rollouts":
+        """The rollouts at `rows` (a [K] index tensor), in that order."""
+        idx = rows.tolist()
+        return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                        self.completion_mask[rows], self.truncated[rows], [self.texts[i] for i in idx])
+
+
+def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
+    """One Rollouts from several: prompts re-padded on the left, completions on the right."""
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+        extra = x.new_full((x.shape[0], width - x.shape[1]), value)
+        return torch.cat([extra, x] if left else [x, extra], dim=1)
+
+    return Rollouts(
+        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_token_id, True) for r in parts]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, True) for r in parts]),
+        completion_ids=torch.cat([pad(r.completion_ids, T, pad_token_id, False) for r in parts]),
+        completion_mask=torch.cat([pad(r.completion_mask, T, 0, False) for r in parts]),
+        truncated=torch.cat([r.truncated for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+    )
+
 
 def eos_token_ids(tokenizer, model) -> list[int]:
     """Every token id that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""

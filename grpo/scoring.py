@@ -34,6 +34,17 @@ class Scores:
     per_rule: dict[str, list[Optional[float]]]  # rule label -> N values (None: not applicable or failed)
     errors: dict[str, int]  # rule label -> samples on which the rule raised
 
+    def select(self, rows: torch.Tensor) -> "Scores":
+        """The scores at `rows` (a [K] index tensor), in that order; error counts stay those of the batch."""
+        idx = rows.tolist()
+        return Scores(self.total[rows], {k: [v[i] for i in idx] for k, v in self.per_rule.items()}, dict(self.errors))
+
+    @staticmethod
+    def concat(parts: list["Scores"]) -> "Scores":
+        return Scores(torch.cat([p.total for p in parts]),
+                      {k: [v for p in parts for v in p.per_rule[k]] for k in parts[0].per_rule},
+                      {k: sum(p.errors[k] for p in parts) for k in parts[0].errors})
+
     def metrics(self) -> dict[str, float]:
         out = {"reward": self.total.mean().item()}
         for label, values in self.per_rule.items():

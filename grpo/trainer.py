@@ -28,7 +28,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from grpo.advantages import group_advantages, zero_std_fraction
+from grpo.advantages import (group_advantages, informative_groups, overlong_penalty, sequence_kl,
+                             zero_std_fraction)
 from grpo.checkpoint import save_checkpoint, save_model
 from grpo.config import Config, to_yaml
 from grpo.data import PromptSampler, build_examples, load_rows
@@ -36,8 +37,8 @@ from grpo.evaluate import evaluate
 from grpo.logprobs import rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
-from grpo.rollout import Rollouts, generate
-from grpo.scoring import Scorer, user_code_digest
+from grpo.rollout import Rollouts, concat_rollouts, generate
+from grpo.scoring import Scorer, Scores, user_code_digest
 from grpo.tracking import NullTracker, Tracker
 
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -104,32 +105,41 @@ def train(cfg: Config) -> dict[str, float]:
 
     for step in range(1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
-        batch = sampler.next_batch(B)
-        with timer("rollout"):
-            rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], G, cfg.rollout,
-                                autocast=accelerator.autocast)
-        with timer("rewards"):
-            scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)])
-        advantages = group_advantages(scores.total, G, cfg.algorithm.scale_rewards).to(accelerator.device)
+        rollouts, scores, sampling_metrics = _rollout_and_score(model, tokenizer, sampler, scorer, cfg, accelerator, timer)
+        if scores.total.numel() == 0:  # dynamic sampling found no group with differing rewards: nothing to learn
+            tracker.log({**sampling_metrics, **timer.metrics(), "step_time": time.perf_counter() - started}, step)
+            continue
+        rewards, loss_mask = _shape_rewards(scores.total, rollouts, cfg)
         with timer("reference"):
-            old_logprobs = _logprobs(policy, rollouts, cfg, accelerator) if cfg.algorithm.num_iterations > 1 else None
+            needs_old = cfg.algorithm.num_iterations > 1 or cfg.algorithm.kl_penalty == "reward"
+            old_logprobs = _logprobs(policy, rollouts, cfg, accelerator) if needs_old else None
             ref_logprobs = _logprobs(reference, rollouts, cfg, accelerator) if reference is not None else None
+        if cfg.algorithm.kl_penalty == "reward":
+            seq_kl = sequence_kl(old_logprobs, ref_logprobs, loss_mask, cfg.algorithm.kl_estimator)
+            rewards = rewards - cfg.algorithm.beta * seq_kl.cpu()
+        advantages = group_advantages(rewards, G, cfg.algorithm.scale_rewards).to(accelerator.device)
         with timer("update"):
-            update_metrics = [_update(policy, optimizer, scheduler, rollouts, advantages, old_logprobs, ref_logprobs,
-                                      cfg, accelerator) for _ in range(cfg.algorithm.num_iterations)]
+            update_metrics = [_update(policy, optimizer, scheduler, rollouts, loss_mask, advantages, old_logprobs,
+                                      ref_logprobs, cfg, accelerator) for _ in range(cfg.algorithm.num_iterations)]
+        if cfg.algorithm.ref_reset_every and step % cfg.algorithm.ref_reset_every == 0:
+            reference.load_state_dict(model.state_dict())
 
         lengths = rollouts.completion_mask.sum(dim=1).float()
         metrics = {
             **scores.metrics(),
             **update_metrics[-1],
-            "reward_std": scores.total.std().item(),
-            "frac_zero_std_groups": zero_std_fraction(scores.total, G),
+            **sampling_metrics,
+            "reward_shaped": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "frac_zero_std_groups": zero_std_fraction(rewards, G),
             "completion_length": lengths.mean().item(),
             "truncated_ratio": rollouts.truncated.float().mean().item(),
             "lr": scheduler.get_last_lr()[0],
             **timer.metrics(),
             "step_time": time.perf_counter() - started,
         }
+        if cfg.algorithm.kl_penalty == "reward":
+            metrics["kl"] = (seq_kl.sum() / loss_mask.sum().clamp(min=1)).item()
         tracker.log(metrics, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and accelerator.is_main_process:
             save_checkpoint(out / f"checkpoint-{step}", model, tokenizer, optimizer, scheduler, step,
@@ -150,6 +160,50 @@ def train(cfg: Config) -> dict[str, float]:
     return results
 
 
+def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer, cfg: Config, accelerator: Accelerator,
+                       timer: PhaseTimer) -> tuple[Rollouts, Scores, dict[str, float]]:
+    """B groups of G scored completions. With dynamic sampling, groups whose rewards are all equal are
+    dropped and more prompts drawn, for at most max_sampling_rounds rounds; the step then trains on the
+    groups it has."""
+    B, G = cfg.train.prompts_per_step, cfg.rollout.num_generations
+    kept_rollouts, kept_scores, drawn, dropped = [], [], 0, 0
+    for _ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
+        needed = B - sum(s.total.shape[0] for s in kept_scores) // G
+        batch = sampler.next_batch(needed)
+        drawn += needed
+        with timer("rollout"):
+            rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], G, cfg.rollout,
+                                autocast=accelerator.autocast)
+        with timer("rewards"):
+            scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)])
+        if cfg.algorithm.dynamic_sampling:
+            groups = informative_groups(scores.total, G)
+            dropped += needed - groups.numel()
+            rows = (groups.unsqueeze(1) * G + torch.arange(G)).reshape(-1)
+            rollouts, scores = rollouts.select(rows.to(rollouts.prompt_ids.device)), scores.select(rows)
+        kept_rollouts.append(rollouts)
+        kept_scores.append(scores)
+        if sum(s.total.shape[0] for s in kept_scores) // G == B:
+            break
+    metrics = {}
+    if cfg.algorithm.dynamic_sampling:
+        metrics = {"sampling/groups_drawn": float(drawn), "sampling/groups_dropped": float(dropped),
+                   "sampling/groups_trained": float(drawn - dropped)}
+    return concat_rollouts(kept_rollouts, tokenizer.pad_token_id), Scores.concat(kept_scores), metrics
+
+
+def _shape_rewards(rewards: torch.Tensor, rollouts: Rollouts, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards after the overlong penalty, and the completion mask the loss uses (truncated rows masked)."""
+    a, loss_mask = cfg.algorithm, rollouts.completion_mask
+    if a.truncated_completions == "penalize":
+        lengths = rollouts.completion_mask.sum(dim=1).cpu()
+        rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_completion_length, a.overlong_buffer,
+                                             a.overlong_penalty)
+    elif a.truncated_completions == "mask":
+        loss_mask = loss_mask * (~rollouts.truncated).unsqueeze(1).long()
+    return rewards, loss_mask
+
+
 def _logprobs(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator) -> torch.Tensor:
     """Log-probs [N, T] of the rollouts under `model`, without gradients, micro-batch by micro-batch."""
     mb = cfg.train.micro_batch_size
@@ -158,38 +212,52 @@ def _logprobs(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator) 
                           for start in range(0, rollouts.completion_ids.shape[0], mb)])
 
 
-def _micro_batch_logprobs(model, rollouts: Rollouts, rows: slice, cfg: Config) -> torch.Tensor:
+def _micro_batch_logprobs(model, rollouts: Rollouts, rows: slice, cfg: Config, entropy: list | None = None):
     return rollout_logprobs(model, rollouts, rows, cfg.rollout.num_generations, cfg.rollout.temperature,
-                            share_prompt=cfg.train.share_prompt)
+                            share_prompt=cfg.train.share_prompt, entropy=entropy)
 
 
-def _update(policy, optimizer, scheduler, rollouts: Rollouts, advantages, old_logprobs, ref_logprobs,
+def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advantages, old_logprobs, ref_logprobs,
             cfg: Config, accelerator: Accelerator) -> dict[str, float]:
-    """One optimizer step on all N completions, accumulated over micro-batches."""
-    a, mb = cfg.algorithm, cfg.train.micro_batch_size
-    num_tokens = rollouts.completion_mask.sum().item()
-    totals: dict[str, float] = defaultdict(float)
-    for start in range(0, advantages.shape[0], mb):
-        rows = slice(start, start + mb)
-        mask = rollouts.completion_mask[rows]
-        with accelerator.autocast():
-            logprobs = _micro_batch_logprobs(policy, rollouts, rows, cfg)
-        loss, metrics = policy_loss(
-            logprobs, logprobs.detach() if old_logprobs is None else old_logprobs[rows], advantages[rows], mask,
-            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows], beta=a.beta,
-            epsilon_low=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
-            max_completion_length=cfg.rollout.max_completion_length, kl_estimator=a.kl_estimator,
-            num_sequences=advantages.shape[0], num_tokens=num_tokens)
-        accelerator.backward(loss)
-        share = mask.sum().item() / max(num_tokens, 1)  # token-weighted average of the micro-batch metrics
-        totals["loss"] += loss.item()
-        for k, v in metrics.items():
-            totals[k] += v * share
+    """One optimizer step on all N completions."""
+    metrics = accumulate_gradients(policy, rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg,
+                                   accelerator.autocast, accelerator.backward)
     if cfg.optim.max_grad_norm > 0:
-        totals["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm).item()
+        metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm).item()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+def accumulate_gradients(policy, rollouts: Rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg: Config,
+                         autocast=contextlib.nullcontext, backward=torch.Tensor.backward) -> dict[str, float]:
+    """Backpropagate the loss of all N completions, micro-batch by micro-batch, into the parameters' .grad.
+
+    Each micro-batch's loss is normalised by the whole batch's completion and token counts, so the summed
+    gradient equals that of one pass over the whole batch. Returns the loss and token-weighted metrics.
+    """
+    a, mb = cfg.algorithm, cfg.train.micro_batch_size
+    num_tokens = loss_mask.sum().item()
+    totals: dict[str, float] = defaultdict(float)
+    for start in range(0, advantages.shape[0], mb):
+        rows = slice(start, start + mb)
+        mask, entropy = loss_mask[rows], []
+        with autocast():
+            logprobs = _micro_batch_logprobs(policy, rollouts, rows, cfg, entropy)
+        loss, metrics = policy_loss(
+            logprobs, logprobs.detach() if old_logprobs is None else old_logprobs[rows], advantages[rows], mask,
+            ref_logprobs=None if ref_logprobs is None or a.kl_penalty == "reward" else ref_logprobs[rows],
+            beta=a.beta if a.kl_penalty == "loss" else 0.0, epsilon_low=a.epsilon, epsilon_high=a.epsilon_high,
+            loss_type=a.loss_type, max_completion_length=cfg.rollout.max_completion_length,
+            kl_estimator=a.kl_estimator, importance_level=a.importance_level,
+            num_sequences=advantages.shape[0], num_tokens=num_tokens)
+        backward(loss)
+        share = mask.sum().item() / max(num_tokens, 1)  # token-weighted average of the micro-batch metrics
+        totals["loss"] += loss.item()
+        totals["entropy"] += (entropy[0] * mask).sum().item() / max(num_tokens, 1)
+        for k, v in metrics.items():
+            totals[k] += v * share
     return dict(totals)
 
 

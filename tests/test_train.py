@@ -67,3 +67,67 @@ def test_several_iterations_and_token_level_loss(run_args):
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["time/reference"] > 0 for r in records)
     assert (tmp_path / "run/final/model.safetensors").is_file()
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def final_weights(out):
+    return AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+
+
+def test_dynamic_sampling_drops_equal_groups_within_its_bound(run_args, tiny_model_dir, tmp_path):
+    tmp_path, args = run_args
+    (tmp_path / "const.py").write_text("def const(completion, example):\n    return 1.0\n")
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", "train.save_every=0",
+                 f"rewards=[{{fn: '{tmp_path / 'const.py'}:const'}}]", "algorithm.dynamic_sampling=true",
+                 "algorithm.max_sampling_rounds=3"]) == 0
+    records = read_metrics(tmp_path / "run/metrics.jsonl")
+    # every group is uninformative: 2 prompts drawn in each of 3 rounds, all dropped, nothing trained
+    assert [(r["sampling/groups_drawn"], r["sampling/groups_dropped"], r["sampling/groups_trained"])
+            for r in records] == [(6.0, 6.0, 0.0)] * 2
+    assert all("loss" not in r for r in records)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = final_weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dynamic_sampling_keeps_informative_groups(run_args):
+    tmp_path, args = run_args
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", "train.save_every=0",
+                 "algorithm.dynamic_sampling=true"]) == 0
+    for r in read_metrics(tmp_path / "run/metrics.jsonl"):
+        assert r["sampling/groups_trained"] == 2.0 and r["frac_zero_std_groups"] == 0.0
+
+
+def test_masked_truncations_leave_parameters_unchanged(run_args, tiny_model_dir):
+    tmp_path, args = run_args
+    # with 2 new tokens nearly every completion is truncated; masking them leaves nothing to train on
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", "train.save_every=0",
+                 "rollout.max_completion_length=2", "algorithm.truncated_completions=mask", "train.max_steps=1"]) == 0
+    records = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["truncated_ratio"] for r in records] == [1.0]  # seeded: no completion ended within 2 tokens
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = final_weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(r["loss"] == 0.0 for r in records)
+
+
+def test_kl_in_reward_with_reference_reset(run_args):
+    tmp_path, args = run_args
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", "train.save_every=0",
+                 "train.max_steps=3", "algorithm.beta=0.1", "algorithm.kl_penalty=reward",
+                 "algorithm.kl_estimator=k1", "algorithm.ref_reset_every=2"]) == 0
+    kl = [r["kl"] for r in read_metrics(tmp_path / "run/metrics.jsonl")]
+    # step 1: policy == reference; step 2: one update apart; step 3: the reference was reset after step 2
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and abs(kl[1]) > 1e-6 and kl[2] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sequence_level_importance_and_overlong_penalty_run(run_args):
+    tmp_path, args = run_args
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", "train.save_every=0",
+                 "algorithm.importance_level=sequence", "algorithm.num_iterations=2",
+                 "algorithm.truncated_completions=penalize", "algorithm.overlong_buffer=4"]) == 0
+    for r in read_metrics(tmp_path / "run/metrics.jsonl"):
+        assert r["reward_shaped"] <= r["reward"] and r["entropy"] > 0

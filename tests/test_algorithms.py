@@ -1,0 +1,110 @@
+"""Algorithm options: hand-computed values for the pure functions and exactness of the training passes."""
+
+import math
+
+import pytest
+import torch
+
+from grpo.advantages import group_advantages, informative_groups, overlong_penalty, sequence_kl
+from grpo.config import Config, RolloutConfig, TrainConfig, AlgorithmConfig
+from grpo.logprobs import rollout_logprobs, token_logprobs
+from grpo.rollout import concat_rollouts, generate
+from grpo.trainer import accumulate_gradients
+
+from conftest import make_model, make_tokenizer
+
+
+def test_overlong_penalty_by_hand():
+    lengths = torch.tensor([6, 8, 10, 3])
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4), torch.tensor([0.0, -0.5, -1.0, 0.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4, penalty=0.5), torch.tensor([0.0, -0.25, -0.5, 0.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 0), torch.tensor([0.0, 0.0, -1.0, 0.0]))
+
+
+def test_sequence_kl_sums_token_estimates_over_the_mask():
+    lp = torch.tensor([[-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-2.0, -1.0, -5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert sequence_kl(lp, ref, mask, "k1").item() == pytest.approx(1.0)  # k1 = lp - ref: 1 + 0
+    assert sequence_kl(lp, ref, mask, "k3").item() == pytest.approx(math.exp(-1))
+
+
+def test_informative_groups():
+    assert informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0]), 2).tolist() == [1]
+
+
+def test_entropy_of_known_distributions():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, -1e9, -1e9, -1e9]]])
+    entropy = []
+    token_logprobs(logits, torch.tensor([[1, 0]]), 1.0, entropy)
+    torch.testing.assert_close(entropy[0], torch.tensor([[math.log(4), 0.0]]))
+
+
+@pytest.fixture(scope="module")
+def rollouts():
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    model = make_model(len(tok), seed=1)
+    torch.manual_seed(0)
+    cfg = RolloutConfig(max_completion_length=7, temperature=0.8)
+    # two rounds with different prompt widths, as dynamic sampling concatenates them
+    first = generate(model, tok, ["What is 1 + 2?", "Hi"], 4, cfg)
+    second = generate(model, tok, ["A much longer prompt than the others", "x"], 4, cfg)
+    return model, concat_rollouts([first, second], tok.pad_token_id)
+
+
+def test_shared_prompt_equals_unshared_logprobs_and_gradients(rollouts):
+    model, r = rollouts
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        lp = torch.cat([rollout_logprobs(model, r, slice(s, s + 3), 4, 0.8, share_prompt=share) for s in range(0, 16, 3)])
+        (lp * r.completion_mask).sum().backward()
+        results.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (shared, g_shared), (plain, g_plain) = results
+    torch.testing.assert_close(shared * r.completion_mask, plain * r.completion_mask, atol=1e-5, rtol=0)
+    for a, b in zip(g_shared, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_micro_batched_gradients_equal_one_big_batch(rollouts, loss_type):
+    model, r = rollouts
+    torch.manual_seed(1)
+    advantages = group_advantages(torch.rand(16), 4)
+    ref = torch.randn(r.completion_ids.shape) * 0.1 - 3
+    grads = []
+    for mb in (16, 4, 2):
+        cfg = Config(rollout=RolloutConfig(num_generations=4, max_completion_length=7, temperature=0.8),
+                     train=TrainConfig(prompts_per_step=4, micro_batch_size=mb),
+                     algorithm=AlgorithmConfig(loss_type=loss_type, beta=0.1))
+        model.zero_grad()
+        accumulate_gradients(model, r, r.completion_mask, advantages, None, ref, cfg)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_truncated_completions_options():
+    from grpo.rollout import Rollouts
+    from grpo.trainer import _shape_rewards
+
+    r = Rollouts(prompt_ids=torch.zeros(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.long),
+                 completion_ids=torch.zeros(3, 4, dtype=torch.long),
+                 completion_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]),
+                 truncated=torch.tensor([True, False, False]), texts=["", "", ""])
+    rewards = torch.tensor([1.0, 1.0, 1.0])
+
+    def shaped(**algorithm):
+        return _shape_rewards(rewards, r, Config(rollout=RolloutConfig(max_completion_length=4),
+                                                 algorithm=AlgorithmConfig(**algorithm)))
+
+    kept_rewards, kept_mask = shaped(truncated_completions="keep")
+    assert torch.equal(kept_rewards, rewards) and torch.equal(kept_mask, r.completion_mask)
+    _, masked = shaped(truncated_completions="mask")
+    assert masked.tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    penalised, mask = shaped(truncated_completions="penalize", overlong_buffer=2)  # lengths 4, 2, 3
+    torch.testing.assert_close(penalised, torch.tensor([0.0, 1.0, 0.5]))
+    assert torch.equal(mask, r.completion_mask)
