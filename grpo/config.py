@@ -104,6 +104,20 @@ class RewardSpec:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    workers: int = 2
+    """Worker processes that run reward rules in parallel; 0 runs them in the training process (no timeouts)."""
+    timeout: float = 10.0
+    """Seconds a rule may spend on one completion; past it the worker is killed and the sample is an error."""
+    max_error_fraction: float = 0.5
+    """Stop the run when a rule fails on more than this fraction of its samples over `error_window` steps."""
+    error_window: int = 10
+    """Steps over which the error fraction is measured."""
+    canary: bool = True
+    """At start-up, check that each rule scores its declared correct sample above its wrong one."""
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     beta: float = 0.04
     """KL penalty coefficient to the frozen reference policy; 0 loads no reference model."""
@@ -215,6 +229,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: tuple = (RewardSpec(fn="accuracy"),)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -411,7 +426,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_combinations(cfg: Config) -> list[str]:
-    from grpo.scoring import resolve_rule  # rules resolve at load time so `grpo validate` catches them
+    from grpo.rules import resolve_rule  # rules resolve at load time so `grpo validate` catches them
 
     p = []
     r, t, a, o, e = cfg.rollout, cfg.train, cfg.algorithm, cfg.optim, cfg.eval
@@ -453,6 +468,8 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append(f"algorithm.overlong_buffer: must be in [0, rollout.max_completion_length={r.max_completion_length})")
     if o.lr <= 0:
         p.append("optim.lr: must be > 0")
+    if cfg.scoring.workers < 0 or cfg.scoring.timeout <= 0 or cfg.scoring.error_window < 1:
+        p.append("scoring: workers must be >= 0, timeout > 0 and error_window >= 1")
     if cfg.data.max_prompt_length < 1:
         p.append("data.max_prompt_length: must be at least 1")
     if "{question}" not in cfg.data.prompt_format:

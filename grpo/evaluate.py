@@ -19,7 +19,7 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch = examples[start:start + eval_cfg.batch_size]
         rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], 1, rollout_cfg, greedy=True, autocast=autocast)
-        scores = scorer(rollouts.texts, batch)
+        scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist())
         totals.append(scores.total)
         key_rule += scores.per_rule[eval_cfg.reward]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())

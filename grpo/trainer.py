@@ -38,7 +38,8 @@ from grpo.logprobs import rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
 from grpo.rollout import Rollouts, concat_rollouts, generate
-from grpo.scoring import Scorer, Scores, user_code_digest
+from grpo.rules import user_code_digest
+from grpo.scoring import Scorer, Scores
 from grpo.tracking import NullTracker, Tracker
 
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -68,8 +69,6 @@ def train(cfg: Config) -> dict[str, float]:
     set_seed(cfg.train.seed)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
                               cpu=cfg.train.cpu)
-    B, G, N = cfg.train.prompts_per_step, cfg.rollout.num_generations, cfg.completions_per_step
-
     tokenizer = load_tokenizer(cfg.model)
     train_examples, dropped = build_examples(load_rows(cfg.data.path, cfg.data.split, cfg.data.max_samples),
                                              cfg.data, tokenizer, cfg.data.path)
@@ -77,7 +76,19 @@ def train(cfg: Config) -> dict[str, float]:
     if cfg.eval.path is not None:
         eval_examples, _ = build_examples(load_rows(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts),
                                           cfg.data, tokenizer, cfg.eval.path)
-    scorer = Scorer(cfg.rewards)
+    scorer = Scorer(cfg.rewards, cfg.scoring)
+    try:
+        if cfg.scoring.canary:
+            scorer.check_canaries()
+        return _train_loop(cfg, out, accelerator, tokenizer, train_examples, dropped, eval_examples, scorer)
+    finally:
+        scorer.close()
+
+
+def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, train_examples, dropped: int,
+                eval_examples, scorer: Scorer) -> dict[str, float]:
+    """Load the models, then step: rollout -> score -> advantages -> update -> log -> checkpoint."""
+    B, G, N = cfg.train.prompts_per_step, cfg.rollout.num_generations, cfg.completions_per_step
     policy = load_model(cfg.model, accelerator.device)
     reference = copy.deepcopy(policy).requires_grad_(False) if cfg.algorithm.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -175,7 +186,8 @@ def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer,
             rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], G, cfg.rollout,
                                 autocast=accelerator.autocast)
         with timer("rewards"):
-            scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)])
+            scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)],
+                            rollouts.completion_mask.sum(dim=1).tolist())
         if cfg.algorithm.dynamic_sampling:
             groups = informative_groups(scores.total, G)
             dropped += needed - groups.numel()

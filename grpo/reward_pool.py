@@ -1,0 +1,118 @@
+"""Worker processes that run reward rules with a wall-clock limit per task.
+
+A rule that hangs (math-verify has inputs that never return) is killed when its task passes the time limit,
+the task counts as an error, and a fresh worker takes the killed one's place. Workers run rules in their
+main thread, so math-verify's signal-based timeouts work there. Workers are daemons and also exit when the
+parent's end of their pipe closes, so none outlive the run. Knows nothing of tensors.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import wait
+
+# One outcome per completion: ("ok", returned value) or ("error", traceback or reason).
+Outcome = tuple
+
+
+def run_task(rule, completions: list[str], examples: list[dict]) -> list[Outcome]:
+    """Apply one rule to completions, catching its exceptions per sample (per batch for batched rules)."""
+    if rule.batched:
+        try:
+            return [("ok", list(rule.fn(completions, examples)))]
+        except Exception:  # a failing rule is reported per sample by the caller, never hidden
+            return [("error", traceback.format_exc())] * len(completions)
+    outcomes = []
+    for completion, example in zip(completions, examples):
+        try:
+            outcomes.append(("ok", rule.fn(completion, example)))
+        except Exception:
+            outcomes.append(("error", traceback.format_exc()))
+    return outcomes
+
+
+def _worker(conn, specs) -> None:
+    from grpo.rules import resolve_rule
+
+    rules = [resolve_rule(s) for s in specs]
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        task_id, rule_index, completions, examples = message
+        conn.send((task_id, run_task(rules[rule_index], completions, examples)))
+
+
+class RewardPool:
+    """`workers` processes scoring tasks in parallel; `run(tasks)` returns each task's outcomes in order."""
+
+    def __init__(self, specs, workers: int, timeout: float):
+        self.specs, self.timeout = list(specs), timeout
+        self._ctx = mp.get_context("spawn")  # no fork of a process holding torch threads
+        self._workers = [self._start() for _ in range(workers)]
+
+    def _start(self):
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=_worker, args=(child, self.specs), daemon=True)
+        process.start()
+        child.close()
+        return process, parent
+
+    def run(self, tasks: list[tuple[int, list[str], list[dict]]]) -> list[list[Outcome]]:
+        """tasks: (rule index, completions, examples). A task gets `timeout` seconds per completion it holds."""
+        results: list = [None] * len(tasks)
+        queue = deque(range(len(tasks)))
+        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (task id, deadline)
+        while queue or busy:
+            for slot in range(len(self._workers)):
+                if slot not in busy and queue:
+                    task_id = queue.popleft()
+                    rule_index, completions, examples = tasks[task_id]
+                    self._workers[slot][1].send((task_id, rule_index, completions, examples))
+                    busy[slot] = (task_id, time.monotonic() + self.timeout * max(1, len(completions)))
+            conns = {self._workers[slot][1]: slot for slot in busy}
+            next_deadline = min(deadline for _, deadline in busy.values())
+            for conn in wait(list(conns), timeout=max(0.0, next_deadline - time.monotonic())):
+                slot = conns[conn]
+                try:
+                    task_id, outcomes = conn.recv()
+                except (EOFError, OSError):  # the worker died (killed by the OS, crashed in C code)
+                    task_id, outcomes = busy[slot][0], None
+                    self._replace(slot)
+                results[task_id] = outcomes or [("error", "the scoring worker process died")] * len(tasks[task_id][1])
+                del busy[slot]
+            now = time.monotonic()
+            for slot, (task_id, deadline) in list(busy.items()):
+                if now >= deadline:
+                    self._replace(slot)
+                    n = len(tasks[task_id][1])
+                    results[task_id] = [("error", f"timed out after {self.timeout * max(1, n):g} s and was killed")] * n
+                    del busy[slot]
+        return results
+
+    def _replace(self, slot: int) -> None:
+        process, conn = self._workers[slot]
+        process.kill()
+        process.join()
+        conn.close()
+        self._workers[slot] = self._start()
+
+    def close(self) -> None:
+        for process, conn in self._workers:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for process, conn in self._workers:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            conn.close()
+        self._workers = []
