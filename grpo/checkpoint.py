@@ -1,17 +1,25 @@
-"""Checkpoints: model and tokenizer in Hugging Face format, plus the training state to continue from.
+"""Checkpoints: the model in Hugging Face format, plus everything needed to continue the run exactly.
 
-A checkpoint is written into a temporary folder and renamed into place, so a folder named checkpoint-<step>
-is always complete. Model weights are safetensors; the training state is plain tensors and numbers.
+A checkpoint folder holds model.safetensors (+ config and tokenizer, loadable with from_pretrained),
+trainer_state.pt (step, optimizer, scheduler, data position, RNG states of python, numpy and torch) and the
+resolved config.yaml; with a resettable reference model, reference.safetensors too. It is written into
+`<name>.tmp` and renamed, so a folder named checkpoint-<step> is always complete; the `latest` file in the
+output folder is replaced after the rename, and old checkpoints are pruned only after that. Loading uses
+safetensors and torch.load(weights_only=True) only: nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
 
 
 def save_model(folder: Path, model, tokenizer) -> None:
@@ -20,22 +28,97 @@ def save_model(folder: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def save_checkpoint(folder: Path, model, tokenizer, optimizer, scheduler, step: int, data_state: dict,
-                    config_yaml: str) -> Path:
-    """Write `folder` atomically: model, tokenizer, optimizer, scheduler, RNG states, data position, config."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+def rng_state() -> dict:
+    """RNG states of python, numpy and torch as plain types and tensors (loadable with weights_only=True)."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(state), gauss], "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
+                    config_yaml: str, reference=None, keep_last_n: int = 0, extra: dict | None = None) -> Path:
+    """Write output_dir/checkpoint-<step> atomically, then point `latest` at it, then prune old ones."""
+    output_dir = Path(output_dir)
+    folder = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(tmp, model, tokenizer)
-    torch.save({
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data": data_state,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-    }, tmp / "trainer_state.pt")
+    if reference is not None:
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp / "reference.safetensors")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "data": data_state, "rng": rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
+    _fsync_tree(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    _write_atomically(output_dir / LATEST, folder.name + "\n")
+    if keep_last_n > 0:
+        for old in sorted(_complete_checkpoints(output_dir), key=_step_of)[:-keep_last_n]:
+            shutil.rmtree(old)
     return folder
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint that `latest` names, or None when the run has none."""
+    pointer = Path(output_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(output_dir) / pointer.read_text().strip()
+    if not (folder / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is missing or incomplete; "
+                                f"pass --resume {Path(output_dir)}/checkpoint-<step> to pick another")
+    return folder
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, reference=None) -> dict:
+    """Restore model, optimizer, scheduler, reference and RNG states in place; returns the trainer state
+    (step, data position, extra)."""
+    folder = Path(folder)
+    weights = load_file(folder / "model.safetensors", device=str(next(model.parameters()).device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder}/model.safetensors does not fit the configured model: missing "
+                         f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if reference is not None and (folder / "reference.safetensors").is_file():
+        reference.load_state_dict(load_file(folder / "reference.safetensors"))
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def _complete_checkpoints(output_dir: Path) -> list[Path]:
+    return [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")
+            and p.name.split("-")[-1].isdigit()]
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.iterdir():
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())

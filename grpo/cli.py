@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 
 from grpo.config import ConfigError, describe, load_config, to_yaml
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=5")
         if name == "validate":
             p.add_argument("--doc", action="store_true", help="print every config field with its doc and exit")
+        else:
+            p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                           help="continue from the latest checkpoint in train.output_dir, or from CHECKPOINT")
     sub.add_parser("rewards", help="list the built-in reward rules")
     args = parser.parse_args(argv)
 
@@ -42,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.config is None:
         parser.error(f"{args.command} needs a config file, e.g. grpo {args.command} configs/quickstart.yaml")
+    if isinstance(getattr(args, "resume", None), str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.append(args.resume)  # `--resume a.b=c`: a flag followed by an override
+        args.resume = True
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -54,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from grpo.trainer import train  # heavy imports only when training
 
-    train(cfg)
+    try:
+        train(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -67,6 +67,8 @@ class DataConfig:
     """Prompts longer than this many tokens are an error (see `drop_long_prompts`)."""
     drop_long_prompts: bool = False
     """Drop over-long prompts (and count them) instead of stopping with an error."""
+    drop_incomplete_rows: bool = False
+    """Drop rows with an empty prompt or answer (and count them) instead of stopping with an error."""
     shuffle: bool = True
     """Shuffle prompts each epoch with the run's seed."""
     max_samples: Optional[int] = None
@@ -189,6 +191,10 @@ class TrainConfig:
     """Run each group's prompt through the model once and let its G completions attend to it (exact)."""
     save_every: int = 0
     """Write output_dir/checkpoint-<step> every N steps (0: only the final model)."""
+    keep_last_n: int = 0
+    """Keep only the newest N checkpoints (0 keeps all); older ones are removed after a new one is complete."""
+    max_nonfinite_steps: int = 3
+    """A NaN/inf loss or gradient skips its update; this many in a row stop the run with a dump of the rollouts."""
     cpu: bool = False
     """Stay on the CPU even when a GPU is present."""
 
@@ -488,3 +494,34 @@ def _check_combinations(cfg: Config) -> list[str]:
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+# Fields whose change makes a checkpoint mean something else; others (logging, max_steps, eval, ...) may change.
+RESUME_FIXED = ["model.name_or_path", "model.gguf_file", "model.dtype", "data.path", "data.split",
+                "data.prompt_column", "data.answer_column", "data.template", "data.prompt_format", "data.system_prompt",
+                "data.max_samples", "data.shuffle", "rollout.num_generations", "train.prompts_per_step", "train.seed",
+                "algorithm.beta", "algorithm.num_iterations", "algorithm.ref_reset_every"]
+
+
+def check_resume(saved: dict, cfg: Config, source: str) -> list[str]:
+    """Changes between a checkpoint's config and `cfg`: raises ConfigError for fields in RESUME_FIXED,
+    returns a line for each harmless change."""
+    now = cfg.to_dict()
+    problems, changes = [], []
+    for section, fields in now.items():
+        if not isinstance(fields, dict):
+            if saved.get(section) != fields:
+                changes.append(f"{section}: {saved.get(section)!r} -> {fields!r}")
+            continue
+        for key, value in fields.items():
+            before = saved.get(section, {}).get(key)
+            if before == value:
+                continue
+            line = f"{section}.{key}: {before!r} in the checkpoint, {value!r} now"
+            if f"{section}.{key}" in RESUME_FIXED:
+                problems.append(line + "; this changes what the checkpoint means: start a new output_dir instead")
+            else:
+                changes.append(line)
+    if problems:
+        raise ConfigError(source, problems)
+    return changes

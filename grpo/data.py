@@ -55,23 +55,27 @@ def format_prompt(row: dict, cfg, tokenizer) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[dict], int]:
-    """Checked, formatted examples from `rows` and the number of over-long prompts dropped.
+def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[dict], dict[str, int]]:
+    """Checked, formatted examples from `rows` and counts of the rows dropped ("incomplete", "too_long").
 
-    Every row needs a non-empty prompt and answer column; a missing one is an error naming the row.
-    Prompts longer than cfg.max_prompt_length tokens are an error, or dropped when cfg.drop_long_prompts.
+    Every row needs a non-empty prompt and answer column; a missing one is an error naming the row, or the
+    row is dropped when cfg.drop_incomplete_rows. Prompts longer than cfg.max_prompt_length tokens are an
+    error, or dropped when cfg.drop_long_prompts.
     """
     if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"data.template is 'chat' but the tokenizer has no chat template; "
                         f"set data.template to 'plain' or 'r1_zero'")
     bad = [(i, col) for i, row in enumerate(rows) for col in (cfg.prompt_column, cfg.answer_column)
            if row.get(col) is None or str(row.get(col)).strip() == ""]
-    if bad:
+    if bad and cfg.drop_incomplete_rows:
+        bad_rows = {i for i, _ in bad}
+        rows = [row for i, row in enumerate(rows) if i not in bad_rows]
+    elif bad:
         shown = ", ".join(f"row {i} column {col!r}" for i, col in bad[:5])
         columns = sorted(rows[bad[0][0]].keys())
         raise DataError(f"{source}: {len(bad)} rows lack a value: {shown}{' ...' if len(bad) > 5 else ''}. "
                         f"Columns present: {columns}; set data.prompt_column / data.answer_column or clean the file")
-    examples, dropped = [], 0
+    examples, too_long = [], 0
     prompts = [format_prompt(row, cfg, tokenizer) for row in rows]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     for i, (row, prompt, length) in enumerate(zip(rows, prompts, lengths)):
@@ -79,13 +83,13 @@ def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[
             if not cfg.drop_long_prompts:
                 raise DataError(f"{source}: row {i} has a {length}-token prompt, over data.max_prompt_length="
                                 f"{cfg.max_prompt_length}; raise it or set data.drop_long_prompts=true")
-            dropped += 1
+            too_long += 1
             continue
         examples.append({**row, "prompt": prompt, "question": row[cfg.prompt_column],
                          "answer": str(row[cfg.answer_column])})
     if not examples:
         raise DataError(f"{source}: no usable rows")
-    return examples, dropped
+    return examples, {"incomplete": len({i for i, _ in bad}) if cfg.drop_incomplete_rows else 0, "too_long": too_long}
 
 
 class PromptSampler:

@@ -69,3 +69,11 @@ def resolve_wandb_mode(mode: str) -> str:
 
 def _jsonable(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records after `last_step` from a metrics.jsonl, so a resumed run rewrites them once."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))

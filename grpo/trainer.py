@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import math
+import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from grpo.advantages import (group_advantages, informative_groups, overlong_penalty, sequence_kl,
                              zero_std_fraction)
-from grpo.checkpoint import save_checkpoint, save_model
-from grpo.config import Config, to_yaml
+from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from grpo.config import Config, check_resume, to_yaml
 from grpo.data import PromptSampler, build_examples, load_rows
 from grpo.evaluate import evaluate
 from grpo.logprobs import rollout_logprobs
@@ -40,7 +45,7 @@ from grpo.model import load_model, load_tokenizer
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
 from grpo.scoring import Scorer, Scores
-from grpo.tracking import NullTracker, Tracker
+from grpo.tracking import NullTracker, Tracker, truncate_metrics
 
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -61,9 +66,19 @@ class PhaseTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run GRPO as `cfg` says; returns the final metrics (eval before/after when eval is configured)."""
+def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, float]:
+    """Run GRPO as `cfg` says; returns the final metrics (eval before/after when eval is configured).
+
+    resume=True continues from the latest checkpoint in train.output_dir; a path continues from that one.
+    """
     out = Path(cfg.train.output_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(out) if resume is True else Path(resume)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: {out} has no checkpoint yet (set train.save_every to write them)")
+        for change in check_resume(yaml.safe_load((checkpoint / "config.yaml").read_text()), cfg, str(checkpoint)):
+            print(f"resume: {change}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     set_seed(cfg.train.seed)
@@ -80,13 +95,13 @@ def train(cfg: Config) -> dict[str, float]:
     try:
         if cfg.scoring.canary:
             scorer.check_canaries()
-        return _train_loop(cfg, out, accelerator, tokenizer, train_examples, dropped, eval_examples, scorer)
+        return _train_loop(cfg, out, accelerator, tokenizer, train_examples, dropped, eval_examples, scorer, checkpoint)
     finally:
         scorer.close()
 
 
-def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, train_examples, dropped: int,
-                eval_examples, scorer: Scorer) -> dict[str, float]:
+def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, train_examples, dropped: dict,
+                eval_examples, scorer: Scorer, checkpoint: Path | None) -> dict[str, float]:
     """Load the models, then step: rollout -> score -> advantages -> update -> log -> checkpoint."""
     B, G, N = cfg.train.prompts_per_step, cfg.rollout.num_generations, cfg.completions_per_step
     policy = load_model(cfg.model, accelerator.device)
@@ -98,11 +113,20 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                               num_training_steps=max(updates, 1))
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     sampler = PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle)
-    tracker = Tracker(cfg, out, cfg.train.max_steps) if accelerator.is_main_process else NullTracker()
     model = accelerator.unwrap_model(policy)
+    resettable_reference = reference if cfg.algorithm.ref_reset_every else None
+    start_step = 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference)
+        sampler.load_state_dict(state["data"])
+        start_step = state["step"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+    truncate_metrics(out / "metrics.jsonl", start_step)  # a fresh run starts its metrics anew
+    tracker = Tracker(cfg, out, cfg.train.max_steps) if accelerator.is_main_process else NullTracker()
 
     print(f"device {accelerator.device}, mixed precision {cfg.train.mixed_precision}; "
-          f"{len(train_examples)} training prompts ({dropped} over-long dropped), {len(eval_examples)} eval prompts")
+          f"{len(train_examples)} training prompts ({dropped['too_long']} over-long and {dropped['incomplete']} "
+          f"incomplete rows dropped), {len(eval_examples)} eval prompts")
     print(f"per step: {B} prompts x {G} completions = {N} completions, up to {N * cfg.rollout.max_completion_length} "
           f"new tokens, {N // cfg.train.micro_batch_size} micro-batches of {cfg.train.micro_batch_size}; "
           f"{cfg.train.max_steps} steps")
@@ -111,10 +135,19 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
             print(f"reward {spec.label}: user code {spec.fn} sha256 {digest}")
 
     results: dict[str, float] = {}
-    if eval_examples:
+    if eval_examples and start_step == 0:
         results["eval/accuracy_before"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, 0)
 
-    for step in range(1, cfg.train.max_steps + 1):
+    def save(step: int) -> None:
+        if accelerator.is_main_process:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written")
+            save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, sampler.state_dict(), to_yaml(cfg),
+                            resettable_reference, cfg.train.keep_last_n)
+
+    nonfinite_in_a_row = 0
+    stop = StopRequest()
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
         rollouts, scores, sampling_metrics = _rollout_and_score(model, tokenizer, sampler, scorer, cfg, accelerator, timer)
         if scores.total.numel() == 0:  # dynamic sampling found no group with differing rewards: nothing to learn
@@ -152,18 +185,31 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         if cfg.algorithm.kl_penalty == "reward":
             metrics["kl"] = (seq_kl.sum() / loss_mask.sum().clamp(min=1)).item()
         tracker.log(metrics, step)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and accelerator.is_main_process:
-            save_checkpoint(out / f"checkpoint-{step}", model, tokenizer, optimizer, scheduler, step,
-                            sampler.state_dict(), to_yaml(cfg))
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if any(m["skipped_update"] for m in update_metrics) else 0
+        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            dump = _dump_rollouts(out / f"nonfinite-step-{step}.jsonl", rollouts, scores, rewards)
+            raise RuntimeError(f"step {step}: the loss or gradient was not finite for {nonfinite_in_a_row} steps in a "
+                               f"row (train.max_nonfinite_steps); this step's rollouts are in {dump}")
+        if stop.requested:
+            save(step)
+            tracker.finish()
+            print(f"stopped after step {step} ({stop.requested}); checkpoint saved. Continue with:\n"
+                  f"    grpo train CONFIG --resume   (output_dir {out})")
+            return results
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            save(step)
         if cfg.eval.every and eval_examples and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
             _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, step)
         results.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
 
+    stop.restore()
     if eval_examples:
         results["eval/accuracy_after"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker,
                                                    cfg.train.max_steps)
+        before = results.get("eval/accuracy_before")
         print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
-              f"before {results['eval/accuracy_before']:.3f}, after {results['eval/accuracy_after']:.3f}")
+              + (f"before {before:.3f}, " if before is not None else "")
+              + f"after {results['eval/accuracy_after']:.3f}")
     if accelerator.is_main_process:
         save_model(out / "final", model, tokenizer)
         print(f"final model saved to {out / 'final'}")
@@ -234,10 +280,12 @@ def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advanta
     """One optimizer step on all N completions."""
     metrics = accumulate_gradients(policy, rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg,
                                    accelerator.autocast, accelerator.backward)
-    if cfg.optim.max_grad_norm > 0:
-        metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm).item()
-    optimizer.step()
-    scheduler.step()
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+    metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), max_norm).item()
+    metrics["skipped_update"] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])))
+    if not metrics["skipped_update"]:  # a NaN or inf loss or gradient never reaches the weights
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return metrics
 
@@ -271,6 +319,38 @@ def accumulate_gradients(policy, rollouts: Rollouts, loss_mask, advantages, old_
         for k, v in metrics.items():
             totals[k] += v * share
     return dict(totals)
+
+
+def _dump_rollouts(path: Path, rollouts: Rollouts, scores: Scores, rewards: torch.Tensor) -> Path:
+    with open(path, "w") as f:
+        for i, text in enumerate(rollouts.texts):
+            record = {"completion": text, "reward": rewards[i].item(), "truncated": bool(rollouts.truncated[i]),
+                      **{f"reward/{k}": v[i] for k, v in scores.per_rule.items()}}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+class StopRequest:
+    """Turns SIGTERM and the first Ctrl-C into a request to stop after the current step (a second Ctrl-C
+    interrupts at once)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _evaluate(model, tokenizer, examples, scorer, cfg: Config, accelerator: Accelerator, tracker, step: int) -> float:

@@ -26,6 +26,12 @@ def test_missing_values_name_the_row_and_column(tokenizer, tmp_path):
         build_examples(rows, DataConfig(), tokenizer, "x.jsonl")
 
 
+def test_incomplete_rows_can_be_dropped_and_counted(tokenizer):
+    rows = [{"question": "a", "answer": "1"}, {"question": "", "answer": "2"}, {"question": "c"}]
+    examples, dropped = build_examples(rows, DataConfig(drop_incomplete_rows=True), tokenizer, "x.jsonl")
+    assert [e["question"] for e in examples] == ["a"] and dropped == {"incomplete": 2, "too_long": 0}
+
+
 def test_long_prompts_are_an_error_or_dropped_and_counted(tokenizer):
     rows = [{"question": "short", "answer": "1"}, {"question": "x" * 300, "answer": "2"}]
     cfg = DataConfig(template="plain", max_prompt_length=50)
@@ -33,7 +39,7 @@ def test_long_prompts_are_an_error_or_dropped_and_counted(tokenizer):
         build_examples(rows, cfg, tokenizer, "x.jsonl")
     examples, dropped = build_examples(rows, DataConfig(template="plain", max_prompt_length=50, drop_long_prompts=True),
                                        tokenizer, "x.jsonl")
-    assert dropped == 1 and [e["question"] for e in examples] == ["short"]
+    assert dropped == {"incomplete": 0, "too_long": 1} and [e["question"] for e in examples] == ["short"]
 
 
 def test_chat_template_missing_is_an_error_naming_the_field(tokenizer):
