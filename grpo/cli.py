@@ -15,6 +15,8 @@ USAGE_EXAMPLES = """examples:
   grpo validate configs/r1_zero_gsm8k.yaml
   grpo validate --doc          # every config field with its type, default and meaning
   grpo rewards                 # the built-in reward rules
+  grpo eval configs/quickstart.yaml --checkpoint runs/quickstart/final
+  grpo report runs/quickstart  # PNG curves and an HTML summary
 """
 
 
@@ -22,16 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grpo", description="GRPO training for language models.",
                                      epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in [("train", "train a policy with GRPO"), ("validate", "check a config; loads no model")]:
+    for name, help_text in [("train", "train a policy with GRPO"), ("validate", "check a config; loads no model"),
+                            ("eval", "evaluate a model or checkpoint on eval.path")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", nargs="?", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=5")
         if name == "validate":
             p.add_argument("--doc", action="store_true", help="print every config field with its doc and exit")
+        elif name == "eval":
+            p.add_argument("--checkpoint", help="a saved model folder (checkpoint-<step> or final); default: model.*")
         else:
             p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                            help="continue from the latest checkpoint in train.output_dir, or from CHECKPOINT")
     sub.add_parser("rewards", help="list the built-in reward rules")
+    report = sub.add_parser("report", help="plot a run's curves and write an HTML summary")
+    report.add_argument("output_dir", help="the run's train.output_dir")
     args = parser.parse_args(argv)
 
     if args.command == "rewards":
@@ -40,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in sorted(rewards.BUILTINS.items()):
             doc = (inspect.getdoc(fn) or "").splitlines()[0]
             print(f"{name:<12} {fn.__name__}{inspect.signature(fn)}\n             {doc}")
+        return 0
+    if args.command == "report":
+        from grpo.report import write_report
+
+        try:
+            print(f"report written to {write_report(args.output_dir)}")
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "validate" and args.doc:
         print(describe())
@@ -58,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         print(f"{args.config}: valid ({cfg.completions_per_step} completions per step, "
               f"{len(cfg.rewards)} reward rules)", file=sys.stderr)
+        return 0
+    if args.command == "eval":
+        import json
+
+        from grpo.evaluate import evaluate_checkpoint
+
+        print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=2))
         return 0
     from grpo.trainer import train  # heavy imports only when training
 

@@ -213,6 +213,8 @@ class EvalConfig:
     """Prompts per greedy generation batch."""
     reward: str = "accuracy"
     """Reward rule (by its log name) whose mean is reported as eval accuracy."""
+    pass_k: int = 0
+    """Also sample k completions per prompt and report eval/pass@k (0: greedy pass@1 only)."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,9 @@ class LoggingConfig:
     """wandb tags."""
     log_every: int = 1
     """Print a console line every N steps (metrics.jsonl gets every step)."""
+    completions_every: int = 1
+    """Every N steps write one group (prompt, G completions, rewards, advantages) to completions.jsonl and
+    to the wandb table `completions` (0: never)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy pass@1 of the policy on prompts it is not trained on."""
+"""Held-out evaluation: greedy pass@1 of the policy on prompts it is not trained on, and pass@k on request."""
 
 from __future__ import annotations
 
@@ -9,23 +9,61 @@ import torch
 from grpo.rollout import generate
 
 
-def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_cfg, autocast=contextlib.nullcontext) -> dict[str, float]:
+def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_cfg,
+             autocast=contextlib.nullcontext) -> dict[str, float]:
     """Greedy completions for `examples`, scored by the configured rules.
 
-    Returns eval/accuracy (mean of the rule named eval_cfg.reward, None scores left out), eval/reward
-    (mean weighted total) and eval/completion_length.
+    Returns eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions, None scores left
+    out), eval/reward (mean weighted total), eval/completion_length, and with eval_cfg.pass_k = k > 0,
+    eval/pass@k: the fraction of prompts for which at least one of k sampled completions (rollout
+    temperature) scores > 0 on that rule.
     """
-    totals, key_rule, lengths = [], [], []
+    totals, key_rule, lengths, passed = [], [], [], []
+    k = eval_cfg.pass_k
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch = examples[start:start + eval_cfg.batch_size]
-        rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], 1, rollout_cfg, greedy=True, autocast=autocast)
+        prompts = [e["prompt"] for e in batch]
+        rollouts = generate(model, tokenizer, prompts, 1, rollout_cfg, greedy=True, autocast=autocast)
         scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist())
         totals.append(scores.total)
         key_rule += scores.per_rule[eval_cfg.reward]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())
+        if k > 0:
+            sampled = generate(model, tokenizer, prompts, k, rollout_cfg, autocast=autocast)
+            values = scorer(sampled.texts, [e for e in batch for _ in range(k)]).per_rule[eval_cfg.reward]
+            passed += [any((v or 0) > 0 for v in values[i * k:(i + 1) * k]) for i in range(len(batch))]
     scored = [v for v in key_rule if v is not None]
-    return {
+    metrics = {
         "eval/accuracy": sum(scored) / len(scored) if scored else float("nan"),
         "eval/reward": torch.cat(totals).mean().item(),
         "eval/completion_length": torch.cat(lengths).mean().item(),
     }
+    if k > 0:
+        metrics[f"eval/pass@{k}"] = sum(passed) / len(passed)
+    return metrics
+
+
+def evaluate_checkpoint(cfg, checkpoint: str | None) -> dict[str, float]:
+    """`grpo eval`: evaluate a saved model (or cfg.model when checkpoint is None) on cfg.eval.path."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from grpo.data import build_examples, load_rows
+    from grpo.model import load_model, load_tokenizer
+    from grpo.scoring import Scorer
+
+    if cfg.eval.path is None:
+        raise ValueError("eval.path is not set: name the held-out prompts, e.g. eval.path=data/gsm8k/test.jsonl")
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=checkpoint, gguf_file=None) if checkpoint else cfg.model
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
+                              cpu=cfg.train.cpu)
+    tokenizer = load_tokenizer(model_cfg)
+    examples, _ = build_examples(load_rows(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts), cfg.data, tokenizer,
+                                 cfg.eval.path)
+    model = load_model(model_cfg, accelerator.device, trainable=False)
+    scorer = Scorer(cfg.rewards, cfg.scoring)
+    try:
+        return evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast)
+    finally:
+        scorer.close()

@@ -30,12 +30,14 @@ class Rollouts:
     completion_mask: torch.Tensor  # [N, T] 1 up to and including the first EOS
     truncated: torch.Tensor  # [N] bool: no EOS within max_completion_length
     texts: list[str]  # N decoded completions, special tokens removed
+    prompts: list[str]  # N prompt texts (each repeated G times)
 
     def select(self, rows: torch.Tensor) -> "Rollouts":
         """The rollouts at `rows` (a [K] index tensor), in that order."""
         idx = rows.tolist()
         return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                        self.completion_mask[rows], self.truncated[rows], [self.texts[i] for i in idx])
+                        self.completion_mask[rows], self.truncated[rows], [self.texts[i] for i in idx],
+                        [self.prompts[i] for i in idx])
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
@@ -54,6 +56,7 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         completion_mask=torch.cat([pad(r.completion_mask, T, 0, False) for r in parts]),
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
+        prompts=[p for r in parts for p in r.prompts],
     )
 
 
@@ -157,4 +160,5 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         completion_mask=mask,
         truncated=truncated,
         texts=texts,
+        prompts=[p for p in prompts for _ in range(G)],
     )

@@ -121,8 +121,9 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         sampler.load_state_dict(state["data"])
         start_step = state["step"]
         print(f"resumed from {checkpoint} at step {start_step}")
-    truncate_metrics(out / "metrics.jsonl", start_step)  # a fresh run starts its metrics anew
-    tracker = Tracker(cfg, out, cfg.train.max_steps) if accelerator.is_main_process else NullTracker()
+    for log_file in ("metrics.jsonl", "completions.jsonl"):  # a fresh run starts its logs anew
+        truncate_metrics(out / log_file, start_step)
+    tracker = Tracker(cfg, out, cfg.train.max_steps, start_step + 1) if accelerator.is_main_process else NullTracker()
 
     print(f"device {accelerator.device}, mixed precision {cfg.train.mixed_precision}; "
           f"{len(train_examples)} training prompts ({dropped['too_long']} over-long and {dropped['incomplete']} "
@@ -185,6 +186,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         if cfg.algorithm.kl_penalty == "reward":
             metrics["kl"] = (seq_kl.sum() / loss_mask.sum().clamp(min=1)).item()
         tracker.log(metrics, step)
+        if cfg.logging.completions_every and step % cfg.logging.completions_every == 0:
+            tracker.log_completions(step, _group_sample(rollouts, scores, rewards, advantages, G))
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if any(m["skipped_update"] for m in update_metrics) else 0
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             dump = _dump_rollouts(out / f"nonfinite-step-{step}.jsonl", rollouts, scores, rewards)
@@ -319,6 +322,13 @@ def accumulate_gradients(policy, rollouts: Rollouts, loss_mask, advantages, old_
         for k, v in metrics.items():
             totals[k] += v * share
     return dict(totals)
+
+
+def _group_sample(rollouts: Rollouts, scores: Scores, rewards, advantages, G: int) -> list[dict]:
+    """The first group of the step, one record per completion, for completions.jsonl."""
+    return [{"prompt": rollouts.prompts[0], "completion": rollouts.texts[i], "reward": rewards[i].item(),
+             "advantage": advantages[i].item(), "rewards": {k: v[i] for k, v in scores.per_rule.items()}}
+            for i in range(min(G, len(rollouts.texts)))]
 
 
 def _dump_rollouts(path: Path, rollouts: Rollouts, scores: Scores, rewards: torch.Tensor) -> Path:

@@ -94,7 +94,7 @@ def test_truncated_completions_options():
     r = Rollouts(prompt_ids=torch.zeros(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.long),
                  completion_ids=torch.zeros(3, 4, dtype=torch.long),
                  completion_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]),
-                 truncated=torch.tensor([True, False, False]), texts=["", "", ""])
+                 truncated=torch.tensor([True, False, False]), texts=["", "", ""], prompts=["p"] * 3)
     rewards = torch.tensor([1.0, 1.0, 1.0])
 
     def shaped(**algorithm):

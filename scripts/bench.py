@@ -1,0 +1,201 @@
+"""Time a GRPO step of this trainer and of TRL's GRPOTrainer on identical settings, in one invocation.
+
+Both load the same weights (the built-in SmolLM2-135M-Instruct, written once to a Hugging Face folder),
+train on the same GSM8K prompts with the tokenizer's chat template and the same accuracy reward, with the
+same group size, lengths, beta, loss aggregation (grpo), AdamW settings and precision; gradient
+checkpointing is off in both. Each trainer runs in its own process (so peak RSS is its own): one warm-up
+step, then --steps timed steps. Needs TRL: `pip install -e .[bench]`.
+
+    python scripts/bench.py                       # fp32 and bf16 rows, 2 timed steps each
+    python scripts/bench.py --precision bf16 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step (B)")
+    p.add_argument("--generations", type=int, default=8, help="completions per prompt (G)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--trainers", nargs="+", default=["grpo", "trl"], choices=["grpo", "trl"])
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", choices=["grpo", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--one-precision", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def prepare(workdir: Path, n_prompts: int) -> None:
+    """The shared model folder and prompt file."""
+    from grpo.checkpoint import save_model
+    from grpo.config import ModelConfig
+    from grpo.model import load_model, load_tokenizer
+
+    save_model(workdir / "model", load_model(ModelConfig()), load_tokenizer(ModelConfig()))
+    rows = [json.loads(line) for line in open(ROOT / "data/gsm8k/train.jsonl")][:n_prompts]
+    with open(workdir / "prompts.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({"question": row["question"], "answer": row["answer"]}) + "\n")
+
+
+def run_grpo(args, workdir: Path, precision: str) -> dict:
+    from grpo.config import load_config
+    from grpo.trainer import train
+
+    out = workdir / f"grpo-{precision}"
+    cfg = load_config(None, [
+        f"model.name_or_path={workdir / 'model'}", f"data.path={workdir / 'prompts.jsonl'}", "data.template=chat",
+        "data.shuffle=false", "data.max_prompt_length=1024", f"rollout.num_generations={args.generations}",
+        f"rollout.max_completion_length={args.max_new_tokens}", "rollout.temperature=1.0",
+        "rewards=[{fn: accuracy}]", f"algorithm.beta={args.beta}", "algorithm.loss_type=grpo",
+        "algorithm.scale_rewards=group", "optim.lr=1e-6", "optim.max_grad_norm=1.0",
+        f"train.prompts_per_step={args.prompts}", f"train.micro_batch_size={args.generations}",
+        f"train.max_steps={args.steps + 1}", f"train.mixed_precision={precision}", f"train.output_dir={out}",
+        "logging.wandb=disabled", "scoring.canary=false",
+    ])
+    train(cfg)
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")][1:]  # drop the warm-up step
+    return {
+        "step_s": [r["step_time"] for r in records],
+        "rollout_s": [r["time/rollout"] for r in records],
+        "completion_tokens": [r["completion_length"] * args.prompts * args.generations for r in records],
+        "loss": [r["loss"] for r in records], "kl": [r.get("kl") for r in records],
+        "reward": [r["reward"] for r in records],
+    }
+
+
+def run_trl(args, workdir: Path, precision: str) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards.math import accuracy
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], None
+
+        def on_step_begin(self, *a, **k):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.started)
+
+    def reward(completions, answer, **kwargs):
+        return [accuracy(c[0]["content"] if isinstance(c, list) else c, {"answer": a}) or 0.0
+                for c, a in zip(completions, answer)]
+
+    dataset = load_dataset("json", data_files=str(workdir / "prompts.jsonl"), split="train")
+    dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["question"]}]})
+    config = GRPOConfig(
+        output_dir=str(workdir / f"trl-{precision}"), per_device_train_batch_size=args.generations,
+        gradient_accumulation_steps=args.prompts, num_generations=args.generations,
+        max_completion_length=args.max_new_tokens, temperature=1.0, beta=args.beta, loss_type="grpo",
+        scale_rewards="group", learning_rate=1e-6, max_grad_norm=1.0, lr_scheduler_type="constant",
+        gradient_checkpointing=False, bf16=precision == "bf16", use_cpu=True, max_steps=args.steps + 1,
+        logging_steps=1, report_to="none", save_strategy="no", seed=42, disable_dropout=True, shuffle_dataset=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    tokenizer.padding_side = "left"
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h][1:]
+    return {
+        "step_s": timer.times[1:],
+        "rollout_s": None,
+        "completion_tokens": [h["completions/mean_length"] * args.prompts * args.generations for h in logs],
+        "loss": [h["loss"] for h in logs], "kl": [h.get("kl") for h in logs], "reward": [h["reward"] for h in logs],
+    }
+
+
+def worker(args) -> None:
+    result = (run_grpo if args.worker == "grpo" else run_trl)(args, args.workdir, args.one_precision)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+def prompt_tokens(workdir: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    rows = [json.loads(line) for line in open(workdir / "prompts.jsonl")]
+    return [len(tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=True)["input_ids"]) for r in rows]
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        prepare(workdir, args.prompts * (args.steps + 1))
+        lengths = prompt_tokens(workdir)
+        results = {}
+        for precision in args.precision:
+            for trainer in args.trainers:
+                print(f"--- {trainer} {precision} ---", flush=True)
+                cmd = [sys.executable, __file__, "--worker", trainer, "--workdir", str(workdir), "--one-precision",
+                       precision, "--steps", str(args.steps), "--prompts", str(args.prompts), "--generations",
+                       str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--beta", str(args.beta)]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{trainer} {precision} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+                results[(trainer, precision)] = json.loads(line.removeprefix("BENCH_RESULT "))
+    report(args, results, lengths)
+
+
+def report(args, results: dict, lengths: list[int]) -> None:
+    B, G = args.prompts, args.generations
+    print(f"\nsettings: SmolLM2-135M-Instruct, {B} GSM8K prompts x {G} completions, <= {args.max_new_tokens} new "
+          f"tokens, beta {args.beta}, loss grpo, AdamW lr 1e-6, gradient checkpointing off; "
+          f"1 warm-up + {args.steps} timed steps")
+    header = f"{'trainer':<8}{'precision':<10}{'s/step':>8}{'gen tok/s':>11}{'train tok/s':>12}{'peak RSS MB':>13}" \
+             f"{'loss':>10}{'kl':>9}{'speed-up':>10}{'RSS ratio':>10}"
+    print(header)
+    rows = []
+    for (trainer, precision), r in results.items():
+        step = statistics.mean(r["step_s"])
+        steps_done = len(r["step_s"])
+        generated = statistics.mean(r["completion_tokens"])
+        # tokens through forward and backward: every completion with its prompt (the same count for both)
+        mean_prompt = statistics.mean(lengths)
+        trained = B * G * mean_prompt + generated
+        baseline = results.get(("trl", precision))
+        speedup = statistics.mean(baseline["step_s"]) / step if baseline else float("nan")
+        rss_ratio = r["peak_rss_mb"] / baseline["peak_rss_mb"] if baseline else float("nan")
+        kl = [k for k in r["kl"] if k is not None]
+        row = {"trainer": trainer, "precision": precision, "s_per_step": step, "timed_steps": steps_done,
+               "generated_tokens_per_s": generated / step, "trained_tokens_per_s": trained / step,
+               "peak_rss_mb": r["peak_rss_mb"], "loss": statistics.mean(r["loss"]),
+               "kl": statistics.mean(kl) if kl else None, "speedup_vs_trl": speedup, "rss_vs_trl": rss_ratio}
+        rows.append(row)
+        print(f"{trainer:<8}{precision:<10}{step:>8.1f}{row['generated_tokens_per_s']:>11.1f}"
+              f"{row['trained_tokens_per_s']:>12.1f}{row['peak_rss_mb']:>13.0f}{row['loss']:>10.4f}"
+              f"{(row['kl'] or 0):>9.5f}{speedup:>10.2f}{rss_ratio:>10.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
