@@ -2,7 +2,9 @@
 
 Samples G completions per prompt with a KV-cached decoding loop over any transformers causal LM:
 - each distinct prompt is prefilled once and its cache is repeated for its G completions;
-- finished rows leave the batch (their cache rows are dropped), and decoding stops when all have finished;
+- keys and values go into buffers sized for the whole generation, not re-concatenated at every step;
+- finished rows leave the batch (their cache rows are dropped) once a quarter of the rows are done, and
+  decoding stops when all have finished;
 - sampling draws one uniform number per row and inverts the CDF of softmax(logits / temperature),
   after optional top-k / top-p filtering; greedy decoding takes the argmax.
 Returns token ids with masks; knows nothing of rewards or losses.
@@ -16,8 +18,47 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from grpo.logprobs import position_ids_from_mask
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes new keys and values into a buffer sized for the whole generation,
+    instead of concatenating a longer copy at every decoding step (the default layer's cost grows with
+    the sequence). Attention reads a view of the filled part."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.device, self.is_initialized = keys.device, True
+        self.length = keys.shape[-2]
+        self._k = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
+        self._v = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
+        self._k[..., :self.length, :], self._v[..., :self.length, :] = keys, values
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            raise RuntimeError(f"KV buffer of {self._k.shape[-2]} positions cannot take position {end}")
+        self._k[..., self.length:end, :], self._v[..., self.length:end, :] = key_states, value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
+        self._expose()
 
 
 @dataclass
@@ -126,23 +167,29 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                     position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
+        capacity = enc["input_ids"].shape[1] + cfg.max_completion_length
+        if all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+            cache.layers = [PreallocatedLayer(layer.keys, layer.values, capacity) for layer in cache.layers]
         cache.batch_repeat_interleave(G)
         logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [n, V] for the n rows still running
         attention = enc["attention_mask"].repeat_interleave(G, dim=0)  # [n, P + t]
         positions = attention.sum(dim=1, keepdim=True)  # [n, 1]
         N = attention.shape[0]
         tokens = torch.full((N, cfg.max_completion_length), pad, dtype=torch.long, device=device)
-        active = torch.arange(N, device=device)  # rows of `tokens` still generating
+        active = torch.arange(N, device=device)  # rows of `tokens` still in the batch
+        finished = torch.zeros(N, dtype=torch.bool, device=device)  # per batch row: has produced an EOS
         for t in range(cfg.max_completion_length):
             next_tokens = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, greedy)  # [n]
+            next_tokens = next_tokens.masked_fill(finished, pad)  # rows already done only pad
             tokens[active, t] = next_tokens
-            running = ~torch.isin(next_tokens, eos)
-            if t == cfg.max_completion_length - 1 or not running.any():
+            finished |= torch.isin(next_tokens, eos)
+            if t == cfg.max_completion_length - 1 or finished.all():
                 break
-            if not running.all():  # finished rows leave the batch
-                keep = running.nonzero().squeeze(1)
+            if finished.sum() * 4 >= finished.numel():  # a quarter of the rows are done: drop them from the batch
+                keep = (~finished).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 active, next_tokens, attention, positions = active[keep], next_tokens[keep], attention[keep], positions[keep]
+                finished = finished[keep]
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
             out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention, position_ids=positions,
                         use_cache=True, **{cache_arg: cache})

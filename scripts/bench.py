@@ -77,6 +77,7 @@ def run_grpo(args, workdir: Path, precision: str) -> dict:
         "completion_tokens": [r["completion_length"] * args.prompts * args.generations for r in records],
         "loss": [r["loss"] for r in records], "kl": [r.get("kl") for r in records],
         "reward": [r["reward"] for r in records],
+        "phases": {k: statistics.mean(r[k] for r in records) for k in records[0] if k.startswith("time/")},
     }
 
 
@@ -193,6 +194,9 @@ def report(args, results: dict, lengths: list[int]) -> None:
         print(f"{trainer:<8}{precision:<10}{step:>8.1f}{row['generated_tokens_per_s']:>11.1f}"
               f"{row['trained_tokens_per_s']:>12.1f}{row['peak_rss_mb']:>13.0f}{row['loss']:>10.4f}"
               f"{(row['kl'] or 0):>9.5f}{speedup:>10.2f}{rss_ratio:>10.2f}")
+    for (trainer, precision), r in results.items():
+        if r.get("phases"):
+            print(f"{trainer} {precision} phases: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in r["phases"].items()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

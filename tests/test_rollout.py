@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from grpo.config import RolloutConfig
@@ -103,3 +104,24 @@ def test_top_k_and_top_p_filtering():
     assert set(sample_tokens(logits, top_p=0.7).tolist()) == {0, 1}
     # top_p 0.9: 0.8 < 0.9 -> the third token joins
     assert set(sample_tokens(logits, top_p=0.9).tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("seed, scale", [(3, 0.09), (7, 0.12)])
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(seed, scale):
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    prompts = ["What is 1 + 2?", "Hi", "abc def", "x", "<|im_start|>user\nq", "zz top"]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    model = make_model(len(tok), seed=seed)
+    with torch.no_grad():  # point EOS's embedding at the mean final state, so some rows end early, at different steps
+        final = model(**enc, output_hidden_states=True).hidden_states[-1][:, -1].mean(dim=0)
+        model.get_input_embeddings().weight[tok.eos_token_id] = final * scale
+    ours = generate(model, tok, prompts, 1, RolloutConfig(max_completion_length=16), greedy=True)
+    lengths = ours.completion_mask.sum(dim=1)
+    assert (lengths < 16).sum() * 4 >= len(prompts) and lengths.max() == 16, lengths  # the batch was compacted
+    ref = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
+    for i in range(len(prompts)):
+        n = int(lengths[i])
+        assert ours.completion_ids[i, :n].tolist() == ref[i, :n].tolist()
+        assert ours.completion_ids[i, n:].eq(tok.pad_token_id).all()
