@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -84,11 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from grpo.trainer import train  # heavy imports only when training
 
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", 0))
     try:
         train(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the launcher stops the other processes when this one exits
+            print(f"rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -57,7 +57,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | None) -> dict[str, float]:
         raise ValueError("eval.path is not set: name the held-out prompts, e.g. eval.path=data/gsm8k/test.jsonl")
     model_cfg = dataclasses.replace(cfg.model, name_or_path=checkpoint, gguf_file=None) if checkpoint else cfg.model
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
-                              cpu=cfg.train.cpu)
+                              cpu=cfg.train.cpu or not torch.cuda.is_available())  # CPU processes: gloo
     tokenizer = load_tokenizer(model_cfg)
     examples, _ = build_examples(load_rows(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts), cfg.data, tokenizer,
                                  cfg.eval.path)

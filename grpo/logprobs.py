@@ -78,27 +78,54 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return token_logprobs(logits, completion_ids, temperature, entropy)
 
 
+class LogprobModel(torch.nn.Module):
+    """A causal LM seen as a function from (prompts, completions) to per-token log-probs: one module call
+    per micro-batch, so torch DDP (one forward per backward) can wrap it even when the prompt and the
+    completions run as two passes of the LM."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index=None,
+                temperature: float = 1.0, with_entropy: bool = False):
+        """Returns (log-probs [n, T], entropy [n, T] or None); prompt_index None: prompts are per row."""
+        entropy = [] if with_entropy else None
+        if prompt_index is not None:
+            logprobs = shared_prefix_logprobs(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                              prompt_index, temperature, entropy)
+        else:
+            logprobs = completion_logprobs(self.model, torch.cat([prompt_ids, completion_ids], dim=1),
+                                           torch.cat([prompt_mask, completion_mask], dim=1),
+                                           completion_ids.shape[1], temperature, entropy)
+        return logprobs, (entropy[0] if with_entropy else None)
+
+
 def rollout_logprobs(model, rollouts, rows: slice, group_size: int, temperature: float = 1.0,
                      share_prompt: bool = True, entropy: list | None = None) -> torch.Tensor:
     """Log-probs [n, T] of completions rollouts[rows], n = rows.stop - rows.start.
 
-    share_prompt runs each group's prompt once (`shared_prefix_logprobs`); otherwise every row carries its
-    prompt. Either way, prompt columns that are padding in every selected row are dropped first; the
-    result is the same as without the trimming (padding is masked and positions come from the mask).
+    `model` is a causal LM or a (possibly DDP-wrapped) LogprobModel. share_prompt runs each group's prompt
+    once (`shared_prefix_logprobs`); otherwise every row carries its prompt. Either way, prompt columns that
+    are padding in every selected row are dropped first; the result is the same as without the trimming
+    (padding is masked and positions come from the mask). A list passed as `entropy` receives the entropy.
     """
+    module = model if isinstance(getattr(model, "module", model), LogprobModel) else LogprobModel(model)
     rows = slice(rows.start, min(rows.stop, rollouts.completion_ids.shape[0]))
     completion_ids, completion_mask = rollouts.completion_ids[rows], rollouts.completion_mask[rows]
-    T = completion_ids.shape[1]
     if share_prompt:
         first = rows.start // group_size
         prompt_rows = torch.arange(first, (rows.stop - 1) // group_size + 1) * group_size
         prompt_ids, prompt_mask = _trim_left(rollouts.prompt_ids[prompt_rows], rollouts.prompt_mask[prompt_rows])
-        index = torch.arange(rows.start, rows.stop) // group_size - first
-        return shared_prefix_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                      index.to(prompt_ids.device), temperature, entropy)
-    prompt_ids, prompt_mask = _trim_left(rollouts.prompt_ids[rows], rollouts.prompt_mask[rows])
-    return completion_logprobs(model, torch.cat([prompt_ids, completion_ids], dim=1),
-                               torch.cat([prompt_mask, completion_mask], dim=1), T, temperature, entropy)
+        index = (torch.arange(rows.start, rows.stop) // group_size - first).to(prompt_ids.device)
+    else:
+        prompt_ids, prompt_mask = _trim_left(rollouts.prompt_ids[rows], rollouts.prompt_mask[rows])
+        index = None
+    logprobs, ent = module(prompt_ids, prompt_mask, completion_ids, completion_mask, index, temperature,
+                           entropy is not None)
+    if entropy is not None:
+        entropy.append(ent)
+    return logprobs
 
 
 def _trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,11 +125,13 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                  greedy: bool = False) -> torch.Tensor:
+                  greedy: bool = False, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row of logits [n, V], drawn from softmax(logits / temperature) -> [n].
 
     top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the smallest set of most likely tokens whose
-    probability reaches top_p. Sampling inverts the CDF with one uniform draw per row (torch's global RNG).
+    probability reaches top_p. Sampling inverts the CDF with one uniform draw per row, from that row's
+    generator when `generators` are given (so a row's sample does not depend on the other rows), else
+    from torch's global RNG.
     """
     if greedy:
         return logits.argmax(dim=-1)
@@ -143,17 +145,24 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already >= p
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    if generators is None:
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device)
+    else:
+        u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generators]).unsqueeze(1)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *, greedy: bool = False,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Rollouts:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             seeds: list[int] | None = None) -> Rollouts:
     """Sample `num_generations` completions for each prompt under `cfg` (a RolloutConfig).
 
     greedy=True decodes deterministically (for evaluation). `autocast` makes the mixed-precision context
-    to generate in (e.g. `accelerator.autocast`).
+    to generate in (e.g. `accelerator.autocast`). `seeds`, one per completion, give each completion its own
+    random stream, so what it samples does not depend on the batch it shares (nor on how many processes
+    split the batch); without them torch's global RNG is used.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -178,8 +187,9 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         tokens = torch.full((N, cfg.max_completion_length), pad, dtype=torch.long, device=device)
         active = torch.arange(N, device=device)  # rows of `tokens` still in the batch
         finished = torch.zeros(N, dtype=torch.bool, device=device)  # per batch row: has produced an EOS
+        generators = None if seeds is None else [torch.Generator(device).manual_seed(s) for s in seeds]
         for t in range(cfg.max_completion_length):
-            next_tokens = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, greedy)  # [n]
+            next_tokens = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, greedy, generators)  # [n]
             next_tokens = next_tokens.masked_fill(finished, pad)  # rows already done only pad
             tokens[active, t] = next_tokens
             finished |= torch.isin(next_tokens, eos)
@@ -190,6 +200,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
                 cache.batch_select_indices(keep)
                 active, next_tokens, attention, positions = active[keep], next_tokens[keep], attention[keep], positions[keep]
                 finished = finished[keep]
+                generators = None if generators is None else [generators[i] for i in keep.tolist()]
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
             out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention, position_ids=positions,
                         use_cache=True, **{cache_arg: cache})

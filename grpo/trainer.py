@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import signal
@@ -39,7 +40,7 @@ from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint,
 from grpo.config import Config, check_resume, to_yaml
 from grpo.data import PromptSampler, build_examples, load_rows
 from grpo.evaluate import evaluate
-from grpo.logprobs import rollout_logprobs
+from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
 from grpo.rollout import Rollouts, concat_rollouts, generate
@@ -83,7 +84,7 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, float]:
     (out / "config.yaml").write_text(to_yaml(cfg))
     set_seed(cfg.train.seed)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
-                              cpu=cfg.train.cpu)
+                              cpu=cfg.train.cpu or not torch.cuda.is_available())  # CPU processes: gloo
     tokenizer = load_tokenizer(cfg.model)
     train_examples, dropped = build_examples(load_rows(cfg.data.path, cfg.data.split, cfg.data.max_samples),
                                              cfg.data, tokenizer, cfg.data.path)
@@ -104,6 +105,13 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                 eval_examples, scorer: Scorer, checkpoint: Path | None) -> dict[str, float]:
     """Load the models, then step: rollout -> score -> advantages -> update -> log -> checkpoint."""
     B, G, N = cfg.train.prompts_per_step, cfg.rollout.num_generations, cfg.completions_per_step
+    W = accelerator.num_processes
+    if B % W or (B // W * G) % cfg.train.micro_batch_size:
+        raise ValueError(f"train.prompts_per_step={B} must split into {W} processes of whole micro-batches "
+                         f"({B // W} prompts x {G} completions each, micro_batch_size {cfg.train.micro_batch_size}); "
+                         f"use a multiple of {W} prompts per step")
+    if W > 1 and cfg.algorithm.dynamic_sampling:
+        raise ValueError("algorithm.dynamic_sampling runs on one process only for now; launch one process")
     policy = load_model(cfg.model, accelerator.device)
     reference = copy.deepcopy(policy).requires_grad_(False) if cfg.algorithm.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -112,29 +120,31 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
     updates = cfg.train.max_steps * cfg.algorithm.num_iterations
     scheduler = get_scheduler(_SCHEDULERS[cfg.optim.scheduler], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=max(updates, 1))
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # one module call per micro-batch, so DDP sees one forward per backward
+    policy_module, optimizer, scheduler = accelerator.prepare(LogprobModel(policy), optimizer, scheduler)
     sampler = PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle)
-    model = accelerator.unwrap_model(policy)
+    model = accelerator.unwrap_model(policy_module).model  # the causal LM: generation, checkpoints
     resettable_reference = reference if cfg.algorithm.ref_reset_every else None
     start_step = 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference)
         sampler.load_state_dict(state["data"])
         start_step = state["step"]
-        print(f"resumed from {checkpoint} at step {start_step}")
-    for log_file in ("metrics.jsonl", "completions.jsonl"):  # a fresh run starts its logs anew
-        truncate_metrics(out / log_file, start_step)
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+    if accelerator.is_main_process:
+        for log_file in ("metrics.jsonl", "completions.jsonl"):  # a fresh run starts its logs anew
+            truncate_metrics(out / log_file, start_step)
     tracker = Tracker(cfg, out, cfg.train.max_steps, start_step + 1) if accelerator.is_main_process else NullTracker()
 
-    print(f"device {accelerator.device}, mixed precision {cfg.train.mixed_precision}; "
+    accelerator.print(f"device {accelerator.device} x {W} processes, mixed precision {cfg.train.mixed_precision}; "
           f"{len(train_examples)} training prompts ({dropped['too_long']} over-long and {dropped['incomplete']} "
           f"incomplete rows dropped), {len(eval_examples)} eval prompts")
-    print(f"per step: {B} prompts x {G} completions = {N} completions, up to {N * cfg.rollout.max_completion_length} "
-          f"new tokens, {N // cfg.train.micro_batch_size} micro-batches of {cfg.train.micro_batch_size}; "
-          f"{cfg.train.max_steps} steps")
+    accelerator.print(f"per step: {B} prompts x {G} completions = {N} completions, up to "
+                      f"{N * cfg.rollout.max_completion_length} new tokens, {N // W // cfg.train.micro_batch_size} "
+                      f"micro-batches of {cfg.train.micro_batch_size} per process; {cfg.train.max_steps} steps")
     for spec in cfg.rewards:
         if (digest := user_code_digest(spec.fn)) is not None:
-            print(f"reward {spec.label}: user code {spec.fn} sha256 {digest}")
+            accelerator.print(f"reward {spec.label}: user code {spec.fn} sha256 {digest}")
 
     results: dict[str, float] = {}
     if eval_examples and start_step == 0:
@@ -146,12 +156,14 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                 raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written")
             save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, sampler.state_dict(), to_yaml(cfg),
                             resettable_reference, cfg.train.keep_last_n)
+        accelerator.wait_for_everyone()
 
     nonfinite_in_a_row = 0
     stop = StopRequest()
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
-        rollouts, scores, sampling_metrics = _rollout_and_score(model, tokenizer, sampler, scorer, cfg, accelerator, timer)
+        rollouts, scores, sampling_metrics = _rollout_and_score(model, tokenizer, sampler, scorer, cfg, accelerator,
+                                                                timer, step)
         if scores.total.numel() == 0:  # dynamic sampling found no group with differing rewards: nothing to learn
             tracker.log({**sampling_metrics, **timer.metrics(), "step_time": time.perf_counter() - started}, step)
             continue
@@ -163,29 +175,33 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         if cfg.algorithm.kl_penalty == "reward":
             seq_kl = sequence_kl(old_logprobs, ref_logprobs, loss_mask, cfg.algorithm.kl_estimator)
             rewards = rewards - cfg.algorithm.beta * seq_kl.cpu()
-        advantages = group_advantages(rewards, G, cfg.algorithm.scale_rewards).to(accelerator.device)
+        all_rewards = _gather(accelerator, rewards)  # every process's groups, in rank order
+        n = rewards.shape[0]
+        rank_rows = slice(accelerator.process_index * n, (accelerator.process_index + 1) * n)
+        advantages = group_advantages(all_rewards, G, cfg.algorithm.scale_rewards)[rank_rows].to(accelerator.device)
         with timer("update"):
-            update_metrics = [_update(policy, optimizer, scheduler, rollouts, loss_mask, advantages, old_logprobs,
-                                      ref_logprobs, cfg, accelerator) for _ in range(cfg.algorithm.num_iterations)]
+            update_metrics = [_update(policy_module, optimizer, scheduler, rollouts, loss_mask, advantages,
+                                      old_logprobs, ref_logprobs, cfg, accelerator)
+                              for _ in range(cfg.algorithm.num_iterations)]
         if cfg.algorithm.ref_reset_every and step % cfg.algorithm.ref_reset_every == 0:
             reference.load_state_dict(model.state_dict())
 
-        lengths = rollouts.completion_mask.sum(dim=1).float()
+        lengths = _gather(accelerator, rollouts.completion_mask.sum(dim=1).float())
         metrics = {
-            **scores.metrics(),
-            **update_metrics[-1],
+            **_gather_scores(accelerator, scores).metrics(),
+            **{k: _mean_over_processes(accelerator, v) for k, v in update_metrics[-1].items()},
             **sampling_metrics,
-            "reward_shaped": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "frac_zero_std_groups": zero_std_fraction(rewards, G),
+            "reward_shaped": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item(),
+            "frac_zero_std_groups": zero_std_fraction(all_rewards, G),
             "completion_length": lengths.mean().item(),
-            "truncated_ratio": rollouts.truncated.float().mean().item(),
+            "truncated_ratio": _gather(accelerator, rollouts.truncated.float()).mean().item(),
             "lr": scheduler.get_last_lr()[0],
             **timer.metrics(),
             "step_time": time.perf_counter() - started,
         }
         if cfg.algorithm.kl_penalty == "reward":
-            metrics["kl"] = (seq_kl.sum() / loss_mask.sum().clamp(min=1)).item()
+            metrics["kl"] = (_gather(accelerator, seq_kl.cpu()).sum() / lengths.sum().clamp(min=1)).item()
         tracker.log(metrics, step)
         if cfg.logging.completions_every and step % cfg.logging.completions_every == 0:
             tracker.log_completions(step, _group_sample(rollouts, scores, rewards, advantages, G))
@@ -194,11 +210,11 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
             dump = _dump_rollouts(out / f"nonfinite-step-{step}.jsonl", rollouts, scores, rewards)
             raise RuntimeError(f"step {step}: the loss or gradient was not finite for {nonfinite_in_a_row} steps in a "
                                f"row (train.max_nonfinite_steps); this step's rollouts are in {dump}")
-        if stop.requested:
+        if _any_process(accelerator, stop.requested is not None):  # all processes stop after the same step
             save(step)
             tracker.finish()
-            print(f"stopped after step {step} ({stop.requested}); checkpoint saved. Continue with:\n"
-                  f"    grpo train CONFIG --resume   (output_dir {out})")
+            accelerator.print(f"stopped after step {step} ({stop.requested or 'another process'}); checkpoint saved. "
+                              f"Continue with:\n    grpo train CONFIG --resume   (output_dir {out})")
             return results
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save(step)
@@ -211,30 +227,39 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         results["eval/accuracy_after"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker,
                                                    cfg.train.max_steps)
         before = results.get("eval/accuracy_before")
-        print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
+        accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
               + (f"before {before:.3f}, " if before is not None else "")
               + f"after {results['eval/accuracy_after']:.3f}")
     if accelerator.is_main_process:
         save_model(out / "final", model, tokenizer)
         print(f"final model saved to {out / 'final'}")
+    accelerator.wait_for_everyone()
     tracker.finish()
     return results
 
 
 def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer, cfg: Config, accelerator: Accelerator,
-                       timer: PhaseTimer) -> tuple[Rollouts, Scores, dict[str, float]]:
+                       timer: PhaseTimer, step: int) -> tuple[Rollouts, Scores, dict[str, float]]:
     """B groups of G scored completions. With dynamic sampling, groups whose rewards are all equal are
     dropped and more prompts drawn, for at most max_sampling_rounds rounds; the step then trains on the
-    groups it has."""
+    groups it has.
+
+    Every process draws the same prompts and keeps its own contiguous share. Each completion samples from
+    its own random stream, seeded by (seed, step, round, its index in the global batch), so the batch is the
+    same whatever the number of processes."""
     B, G = cfg.train.prompts_per_step, cfg.rollout.num_generations
+    W, rank = accelerator.num_processes, accelerator.process_index
     kept_rollouts, kept_scores, drawn, dropped = [], [], 0, 0
-    for _ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
+    for round_ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
         needed = B - sum(s.total.shape[0] for s in kept_scores) // G
-        batch = sampler.next_batch(needed)
         drawn += needed
+        share = needed // W
+        batch = sampler.next_batch(needed)[rank * share:(rank + 1) * share]
+        first = rank * share * G
+        seeds = [_completion_seed(cfg.train.seed, step, round_, first + i) for i in range(share * G)]
         with timer("rollout"):
             rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], G, cfg.rollout,
-                                autocast=accelerator.autocast)
+                                autocast=accelerator.autocast, seeds=seeds)
         with timer("rewards"):
             scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)],
                             rollouts.completion_mask.sum(dim=1).tolist())
@@ -252,6 +277,42 @@ def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer,
         metrics = {"sampling/groups_drawn": float(drawn), "sampling/groups_dropped": float(dropped),
                    "sampling/groups_trained": float(drawn - dropped)}
     return concat_rollouts(kept_rollouts, tokenizer.pad_token_id), Scores.concat(kept_scores), metrics
+
+
+def _completion_seed(seed: int, step: int, round_: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{step}/{round_}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _gather(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
+    """values [n] of every process, concatenated in rank order, on the CPU."""
+    if accelerator.num_processes == 1:
+        return values.cpu()
+    return accelerator.gather(values.to(accelerator.device)).cpu()
+
+
+def _mean_over_processes(accelerator: Accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "mean").item()
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item())
+
+
+def _gather_scores(accelerator: Accelerator, scores: Scores) -> Scores:
+    """The scores of every process (sub-metrics stay this process's)."""
+    if accelerator.num_processes == 1:
+        return scores
+    nan = float("nan")
+    per_rule = {k: [None if math.isnan(v) else v
+                    for v in _gather(accelerator, torch.tensor([nan if v is None else v for v in values])).tolist()]
+                for k, values in scores.per_rule.items()}
+    errors = {k: int(_mean_over_processes(accelerator, n) * accelerator.num_processes) for k, n in scores.errors.items()}
+    return Scores(_gather(accelerator, scores.total), per_rule, errors, scores.sub_metrics)
 
 
 def _shape_rewards(rewards: torch.Tensor, rollouts: Rollouts, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,8 +343,13 @@ def _micro_batch_logprobs(model, rollouts: Rollouts, rows: slice, cfg: Config, e
 def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advantages, old_logprobs, ref_logprobs,
             cfg: Config, accelerator: Accelerator) -> dict[str, float]:
     """One optimizer step on all N completions."""
+    global_tokens = loss_mask.sum().item() * accelerator.num_processes
+    if accelerator.num_processes > 1:
+        global_tokens = accelerator.reduce(loss_mask.sum().float(), "sum").item()
     metrics = accumulate_gradients(policy, rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg,
-                                   accelerator.autocast, accelerator.backward)
+                                   accelerator.autocast, accelerator.backward,
+                                   no_sync=lambda: accelerator.no_sync(policy),
+                                   num_tokens=global_tokens / accelerator.num_processes)
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), max_norm).item()
     metrics["skipped_update"] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])))
@@ -295,19 +361,25 @@ def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advanta
 
 
 def accumulate_gradients(policy, rollouts: Rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg: Config,
-                         autocast=contextlib.nullcontext, backward=torch.Tensor.backward) -> dict[str, float]:
-    """Backpropagate the loss of all N completions, micro-batch by micro-batch, into the parameters' .grad.
+                         autocast=contextlib.nullcontext, backward=torch.Tensor.backward,
+                         no_sync=contextlib.nullcontext, num_tokens: float | None = None) -> dict[str, float]:
+    """Backpropagate the loss of this process's N completions, micro-batch by micro-batch, into .grad.
 
     Each micro-batch's loss is normalised by the whole batch's completion and token counts, so the summed
-    gradient equals that of one pass over the whole batch. Returns the loss and token-weighted metrics.
+    gradient equals that of one pass over the whole batch. Under data parallelism (gradients averaged over
+    W processes), `num_tokens` is the global token count / W, so `dapo` normalises by the global batch;
+    `bnpo` always uses this process's tokens. `no_sync` defers the gradient all-reduce to the last
+    micro-batch. Returns the loss and token-weighted metrics.
     """
     a, mb = cfg.algorithm, cfg.train.micro_batch_size
-    num_tokens = loss_mask.sum().item()
+    local_tokens = loss_mask.sum().item()
+    num_tokens = local_tokens if num_tokens is None or a.loss_type == "bnpo" else num_tokens
     totals: dict[str, float] = defaultdict(float)
-    for start in range(0, advantages.shape[0], mb):
+    starts = range(0, advantages.shape[0], mb)
+    for start in starts:
         rows = slice(start, start + mb)
         mask, entropy = loss_mask[rows], []
-        with autocast():
+        with autocast(), (no_sync() if start != starts[-1] else contextlib.nullcontext()):
             logprobs = _micro_batch_logprobs(policy, rollouts, rows, cfg, entropy)
         loss, metrics = policy_loss(
             logprobs, logprobs.detach() if old_logprobs is None else old_logprobs[rows], advantages[rows], mask,
@@ -316,10 +388,11 @@ def accumulate_gradients(policy, rollouts: Rollouts, loss_mask, advantages, old_
             loss_type=a.loss_type, max_completion_length=cfg.rollout.max_completion_length,
             kl_estimator=a.kl_estimator, importance_level=a.importance_level,
             num_sequences=advantages.shape[0], num_tokens=num_tokens)
-        backward(loss)
-        share = mask.sum().item() / max(num_tokens, 1)  # token-weighted average of the micro-batch metrics
+        with no_sync() if start != starts[-1] else contextlib.nullcontext():
+            backward(loss)
+        share = mask.sum().item() / max(local_tokens, 1)  # token-weighted average of the micro-batch metrics
         totals["loss"] += loss.item()
-        totals["entropy"] += (entropy[0] * mask).sum().item() / max(num_tokens, 1)
+        totals["entropy"] += (entropy[0] * mask).sum().item() / max(local_tokens, 1)
         for k, v in metrics.items():
             totals[k] += v * share
     return dict(totals)

@@ -1,0 +1,61 @@
+"""Two CPU processes (gloo) against one: the same global batch and seed give the same weights."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpo.trainer import train
+from grpo.config import load_config
+
+from conftest import ROOT
+
+
+def args_for(tiny_model_dir, rules, out, loss_type, steps=3):
+    return [str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={tiny_model_dir}",
+            f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=64", "eval.path=null",
+            f"rewards=[{{fn: '{rules}:length_reward'}}]", "rollout.num_generations=4",
+            "rollout.max_completion_length=8", "train.prompts_per_step=4", "train.micro_batch_size=4",
+            f"train.max_steps={steps}", "train.save_every=1", "optim.lr=1e-2", "logging.wandb=disabled",
+            "train.mixed_precision=fp32", "scoring.workers=0", "algorithm.beta=0.04",
+            f"algorithm.loss_type={loss_type}", f"train.output_dir={out}"]
+
+
+def torchrun(args, extra=()):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "grpo", "train", *args, *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rules") / "rules.py"
+    path.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
+    return path
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_two_processes_match_one(tiny_model_dir, rules, tmp_path, loss_type):
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", loss_type)
+    train(load_config(one[0], one[1:]))
+    printed = torchrun(args_for(tiny_model_dir, rules, tmp_path / "two", loss_type))
+    assert "x 2 processes" in printed
+    a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
+    changed = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(a[k], changed[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_two_process_run_resumes_from_its_checkpoint(tiny_model_dir, rules, tmp_path):
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
+    train(load_config(one[0], one[1:]))
+    torchrun(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=2))
+    torchrun(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=3), ["--resume"])
+    a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
