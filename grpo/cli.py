@@ -26,13 +26,15 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("train", "train a policy with GRPO"), ("validate", "check a config; loads no model"),
-                            ("eval", "evaluate a model or checkpoint on eval.path")]:
+                            ("eval", "evaluate a model or checkpoint on eval.path"),
+                            ("sft", "supervised fine-tuning on prompt/response data"),
+                            ("generate", "rejection sampling: sample, score, keep the passing samples")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", nargs="?", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=5")
         if name == "validate":
             p.add_argument("--doc", action="store_true", help="print every config field with its doc and exit")
-        elif name == "eval":
+        elif name in ("eval", "generate"):
             p.add_argument("--checkpoint", help="a saved model folder (checkpoint-<step> or final); default: model.*")
         else:
             p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
@@ -82,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         from grpo.evaluate import evaluate_checkpoint
 
         print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=2))
+        return 0
+    if args.command == "generate":
+        from grpo.generate import generate_dataset
+
+        generate_dataset(cfg, args.checkpoint)
+        return 0
+    if args.command == "sft":
+        from grpo.sft import sft
+
+        sft(cfg, resume=args.resume)
         return 0
     from grpo.trainer import train  # heavy imports only when training
 

@@ -200,6 +200,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    response_column: str = "response"
+    """`grpo sft`: column holding the target response; the loss covers its tokens (and the EOS) only."""
+    batch_size: int = 16
+    """`grpo sft`: examples per optimizer step, accumulated in micro-batches of train.micro_batch_size."""
+    max_length: int = 1024
+    """`grpo sft`: prompt + response tokens longer than this are cut from the end of the response."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    num_samples: int = 8
+    """`grpo generate`: k completions sampled per prompt."""
+    keep: Literal["threshold", "best", "all_passing"] = "threshold"
+    """Which samples pass: `threshold` the first `max_per_prompt` scoring >= threshold; `best` the highest
+    scoring one if it reaches threshold; `all_passing` every distinct one reaching threshold."""
+    threshold: float = 1.0
+    """Minimum total reward for a sample to pass."""
+    max_per_prompt: int = 1
+    """Most samples kept per prompt (`threshold`); `best` keeps one, `all_passing` all."""
+    output: str = "generated.jsonl"
+    """Dataset written under train.output_dir: prompt, completion, rewards, model, sampling settings."""
+    prompts_per_batch: int = 8
+    """Prompts generated for at once."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     path: Optional[str] = None
     """Held-out prompts (same columns and template as `data`); null skips evaluation."""
@@ -245,6 +272,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-CONSOLE_KEYS = [("reward", "reward", "{:.3f}"), ("eval/accuracy", "eval_acc", "{:.3f}"), ("kl", "kl", "{:.4f}"),
+CONSOLE_KEYS = [("reward", "reward", "{:.3f}"), ("sft/loss", "sft_loss", "{:.4f}"), ("eval/accuracy", "eval_acc", "{:.3f}"), ("kl", "kl", "{:.4f}"),
                 ("completion_length", "len", "{:.1f}"), ("grad_norm", "grad_norm", "{:.3f}"),
                 ("step_time", "time", "{:.1f}s")]
 

@@ -1,0 +1,121 @@
+"""`grpo sft`: supervised fine-tuning on prompt/response pairs, the cold-start and distillation stage of
+DeepSeek-R1's recipe. Same config, data, checkpoint and tracking code as `grpo train`.
+
+The loss is the mean negative log-likelihood over response tokens (and the EOS after them) of the whole
+batch; prompt tokens are context only. Micro-batches are normalised by the batch's response-token count,
+so accumulation gives the gradient of one pass over the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from grpo.config import Config, to_yaml
+from grpo.data import DataError, PromptSampler, build_examples, load_rows
+from grpo.model import load_model, load_tokenizer
+from grpo.tracking import Tracker, truncate_metrics
+
+IGNORE = -100
+
+
+def sft_features(prompt: str, response: str, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one example: labels are IGNORE on prompt tokens, the token ids on response
+    tokens and on the EOS appended after them. Over-long examples lose the end of the response.
+
+    Example (one token per character): prompt "ab", response "c", EOS id 0 -> ids [a, b, c, 0],
+    labels [-100, -100, c, 0].
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+    return ids, labels
+
+
+def collate(features: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels [n, L]."""
+    width = max(len(ids) for ids, _ in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(features):
+        ids[i, :len(row_ids)], labels[i, :len(row_labels)], mask[i, :len(row_ids)] = (
+            torch.tensor(row_ids), torch.tensor(row_labels), 1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def response_nll(model, batch: dict[str, torch.Tensor], num_tokens: float) -> torch.Tensor:
+    """Sum of -log p(label) over labelled positions, divided by num_tokens (the whole batch's count)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               ignore_index=IGNORE, reduction="sum")
+    return losses / max(num_tokens, 1.0)
+
+
+def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
+    """Fine-tune cfg.model on cfg.data (prompt column -> cfg.sft.response_column) for cfg.train.max_steps."""
+    out = Path(cfg.train.output_dir)
+    checkpoint = (latest_checkpoint(out) if resume is True else Path(resume)) if resume else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    set_seed(cfg.train.seed)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
+                              cpu=cfg.train.cpu or not torch.cuda.is_available())
+    tokenizer = load_tokenizer(cfg.model)
+    rows = load_rows(cfg.data.path, cfg.data.split, cfg.data.max_samples)
+    missing = [i for i, row in enumerate(rows) if not str(row.get(cfg.sft.response_column) or "").strip()]
+    if missing:
+        raise DataError(f"{cfg.data.path}: {len(missing)} rows have no {cfg.sft.response_column!r} (first: row "
+                        f"{missing[0]}); set sft.response_column to the column with the target responses")
+    examples, _ = build_examples(rows, cfg.data, tokenizer, cfg.data.path)
+    model = load_model(cfg.model, accelerator.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.optim.scheduler, cfg.optim.scheduler),
+                              optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sampler = PromptSampler(examples, cfg.train.seed, cfg.data.shuffle)
+    start = 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        sampler.load_state_dict(state["data"])
+        start = state["step"]
+    truncate_metrics(out / "metrics.jsonl", start)
+    tracker = Tracker(cfg, out, cfg.train.max_steps, start + 1)
+    metrics: dict[str, float] = {}
+    for step in range(start + 1, cfg.train.max_steps + 1):
+        started = time.perf_counter()
+        batch = sampler.next_batch(cfg.sft.batch_size)
+        features = [sft_features(e["prompt"], str(e[cfg.sft.response_column]), tokenizer, cfg.sft.max_length)
+                    for e in batch]
+        num_tokens = sum(sum(1 for label in labels[1:] if label != IGNORE) for _, labels in features)
+        total = 0.0
+        for i in range(0, len(features), cfg.train.micro_batch_size):
+            micro = {k: v.to(accelerator.device) for k, v in
+                     collate(features[i:i + cfg.train.micro_batch_size], tokenizer.pad_token_id).items()}
+            with accelerator.autocast():
+                loss = response_nll(model, micro, num_tokens)
+            accelerator.backward(loss)
+            total += loss.item()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf")).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"sft/loss": total, "sft/response_tokens": float(num_tokens), "grad_norm": grad_norm,
+                   "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - started}
+        tracker.log(metrics, step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
+                            sampler.state_dict(), to_yaml(cfg), keep_last_n=cfg.train.keep_last_n)
+    save_model(out / "final", accelerator.unwrap_model(model), tokenizer)
+    print(f"final model saved to {out / 'final'}")
+    tracker.finish()
+    return metrics

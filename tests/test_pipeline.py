@@ -1,0 +1,82 @@
+"""DeepSeek-R1's other stages: SFT with response-only loss, and rejection sampling into a dataset."""
+
+import json
+
+import pytest
+import torch
+from datasets import load_dataset
+
+from grpo.cli import main
+from grpo.generate import select_samples
+from grpo.sft import IGNORE, collate, response_nll, sft_features
+
+from conftest import ROOT, make_model, make_tokenizer
+
+
+def test_response_only_labels_by_hand():
+    tok = make_tokenizer()
+    ids, labels = sft_features("ab", "cd", tok, max_length=100)
+    a, b, c, d = (tok.convert_tokens_to_ids(ch) for ch in "abcd")
+    assert ids == [a, b, c, d, tok.eos_token_id]
+    assert labels == [IGNORE, IGNORE, c, d, tok.eos_token_id]
+    ids, labels = sft_features("ab", "cd", tok, max_length=3)
+    assert ids == [a, b, c] and labels == [IGNORE, IGNORE, c]
+
+
+def test_response_nll_by_hand_and_micro_batches_sum_to_the_batch():
+    tok = make_tokenizer()
+    model = make_model(len(tok), seed=2)
+    features = [sft_features("What is 2+2?", "4", tok, 64), sft_features("Hi", "hello there", tok, 64)]
+    batch = collate(features, tok.pad_token_id)
+    # by hand: positions t predict labels[t + 1]; only labelled positions count
+    logprobs = torch.log_softmax(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, dim=-1)
+    terms = [-logprobs[i, t, batch["labels"][i, t + 1]] for i in range(2) for t in range(batch["labels"].shape[1] - 1)
+             if batch["labels"][i, t + 1] != IGNORE]
+    assert len(terms) == 2 + 12  # "4" + EOS, "hello there" (11 characters) + EOS
+    expected = torch.stack(terms).sum() / len(terms)
+    full = response_nll(model, batch, len(terms))
+    torch.testing.assert_close(full, expected, atol=1e-5, rtol=0)
+    parts = sum(response_nll(model, collate([f], tok.pad_token_id), len(terms)) for f in features)
+    torch.testing.assert_close(parts, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("keep, max_per_prompt, expected", [
+    ("threshold", 1, [0]), ("threshold", 5, [0, 3]), ("best", 1, [0]), ("all_passing", 1, [0, 3])])
+def test_select_samples_keeps_exactly_the_passing_ones(keep, max_per_prompt, expected):
+    assert select_samples(["a", "b", "a", "c"], [1.0, 0.0, 1.0, 1.0], keep, 1.0, max_per_prompt) == expected
+
+
+def test_select_samples_best_and_nothing_passing():
+    assert select_samples(["a", "b", "c"], [0.5, 2.0, 3.0], "best", 1.0, 1) == [2]
+    assert select_samples(["a", "b"], [0.1, 0.2], "threshold", 1.0, 3) == []
+
+
+def test_sft_learns_the_responses(tiny_model_dir, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a, "response": r}) + "\n" for q, a, r in
+                            [("1+1", "2", "2"), ("2+2", "4", "4"), ("3+3", "6", "6"), ("4+4", "8", "8")]))
+    assert main(["sft", str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={tiny_model_dir}",
+                 f"data.path={data}", "eval.path=null", "sft.batch_size=4", "train.micro_batch_size=2",
+                 "train.max_steps=12", "optim.lr=1e-2", f"train.output_dir={tmp_path / 'run'}",
+                 "logging.wandb=disabled", "train.mixed_precision=fp32", "train.save_every=6"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert records[0]["sft/response_tokens"] == 8  # one digit + EOS per example
+    assert records[-1]["sft/loss"] < 0.5 * records[0]["sft/loss"]
+    assert (tmp_path / "run/checkpoint-12/trainer_state.pt").is_file() and (tmp_path / "run/final").is_dir()
+
+
+def test_generate_writes_a_filtered_dataset(tiny_model_dir, tmp_path):
+    rules = tmp_path / "rules.py"
+    rules.write_text("def short(completion, example):\n    return 1.0 if len(completion) < 6 else 0.0\n")
+    assert main(["generate", str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={tiny_model_dir}",
+                 f"data.path={ROOT / 'data/arithmetic/test.jsonl'}", "data.max_samples=6",
+                 f"rewards=[{{fn: '{rules}:short'}}]", "eval.path=null", "rollout.max_completion_length=8",
+                 "generate.num_samples=6", "generate.keep=all_passing", "generate.threshold=1.0",
+                 "scoring.workers=0", "train.mixed_precision=fp32", f"train.output_dir={tmp_path / 'gen'}"]) == 0
+    dataset = load_dataset("json", data_files=str(tmp_path / "gen/generated.jsonl"), split="train")
+    assert len(dataset) > 0
+    assert {"question", "answer", "prompt", "completion", "reward", "rewards", "model", "sampling"} <= set(dataset.column_names)
+    assert all(len(c) < 6 and r == 1.0 for c, r in zip(dataset["completion"], dataset["reward"]))
+    for question in set(dataset["question"]):
+        texts = [c for c, q in zip(dataset["completion"], dataset["question"]) if q == question]
+        assert len(texts) == len(set(texts))  # deduplicated per prompt
