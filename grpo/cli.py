@@ -28,12 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in [("train", "train a policy with GRPO"), ("validate", "check a config; loads no model"),
                             ("eval", "evaluate a model or checkpoint on eval.path"),
                             ("sft", "supervised fine-tuning on prompt/response data"),
-                            ("generate", "rejection sampling: sample, score, keep the passing samples")]:
+                            ("generate", "rejection sampling: sample, score, keep the passing samples"),
+                            ("pipeline", "run a config's stages: (sft, train, generate, eval) in order"),
+                            ("distill", "teacher generates and filters, student is fine-tuned and evaluated")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", nargs="?", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=5")
         if name == "validate":
             p.add_argument("--doc", action="store_true", help="print every config field with its doc and exit")
+        elif name in ("pipeline", "distill"):
+            pass
         elif name in ("eval", "generate"):
             p.add_argument("--checkpoint", help="a saved model folder (checkpoint-<step> or final); default: model.*")
         else:
@@ -65,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.config is None:
         parser.error(f"{args.command} needs a config file, e.g. grpo {args.command} configs/quickstart.yaml")
+    if args.command in ("pipeline", "distill"):
+        from grpo.config import load_pipeline
+        from grpo.pipeline import run_pipeline
+
+        try:
+            stages = load_pipeline(args.config, args.overrides, distill=args.command == "distill")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name, summary in run_pipeline(stages).items():
+            print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+        return 0
     if isinstance(getattr(args, "resume", None), str) and "=" in args.resume and not Path(args.resume).exists():
         args.overrides.append(args.resume)  # `--resume a.b=c`: a flag followed by an override
         args.resume = True

@@ -227,6 +227,12 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teacher: Optional[str] = None
+    """`grpo distill`: the teacher model that generates (folder, hub id, .gguf); the student is `model`."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     path: Optional[str] = None
     """Held-out prompts (same columns and template as `data`); null skips evaluation."""
@@ -274,6 +280,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -315,20 +322,27 @@ def describe() -> str:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (safe_load), apply `a.b=c` overrides, and build a validated `Config`."""
     source = str(path) if path else "<defaults>"
-    raw: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise ConfigError(source, [f"{where}not valid YAML ({getattr(e, 'problem', e)}); fix the syntax"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(source, ["the top level must be a mapping of sections (model:, data:, ...)"])
+    return _config_from_raw(_read_yaml(path) if path is not None else {}, overrides, source)
+
+
+def _read_yaml(path: str | Path) -> dict:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [f"{where}not valid YAML ({getattr(e, 'problem', e)}); fix the syntax"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the top level must be a mapping of sections (model:, data:, ...)"])
+    return raw
+
+
+def _config_from_raw(raw: dict, overrides, source: str) -> Config:
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, problems)
@@ -337,6 +351,85 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if problems:
         raise ConfigError(source, problems)
     return cfg
+
+
+PIPELINE_RUNS = ("sft", "train", "generate", "eval")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a pipeline: a command run with its own config, under train.output_dir/<name>."""
+
+    name: str
+    run: str  # sft | train | generate | eval
+    config: Config
+    model_from: Optional[str] = None  # an earlier stage whose final model this stage starts from
+    data_from: Optional[str] = None  # an earlier generate stage whose dataset this stage trains on
+
+
+DISTILL_STAGES = [
+    {"name": "teacher", "run": "generate"},  # model.name_or_path set to distill.teacher below
+    {"name": "student", "run": "sft", "data": "teacher"},
+    {"name": "student_eval", "run": "eval", "model": "student"},
+]
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = (), distill: bool = False) -> list[Stage]:
+    """A pipeline file: the usual sections (shared by every stage) plus `stages:`, a list of
+    {name, run, model: <earlier stage>, data: <earlier generate stage>, set: {dotted.key: value}}.
+
+    distill=True ignores `stages:` and runs DISTILL_STAGES: the teacher (distill.teacher) generates and
+    filters, the student (model) is fine-tuned on what was kept, then evaluated on eval.path."""
+    import copy
+
+    source = str(path)
+    raw = _read_yaml(path)
+    entries = raw.pop("stages", None)
+    if distill:
+        teacher = (raw.get("distill") or {}).get("teacher")
+        teacher = next((o.split("=", 1)[1] for o in overrides if o.startswith("distill.teacher=")), teacher)
+        if not teacher:
+            raise ConfigError(source, ["distill.teacher: name the teacher model (a folder, hub id or .gguf)"])
+        entries = copy.deepcopy(DISTILL_STAGES)
+        entries[0]["set"] = {"model.name_or_path": teacher, "model.gguf_file": None}
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(source, ["stages: expected a list such as `- {name: cold_start, run: sft}`"])
+    base = _config_from_raw(copy.deepcopy(raw), overrides, source)
+    root = Path(base.train.output_dir)
+    stages, problems, runs = [], [], {}
+    for i, entry in enumerate(entries):
+        where = f"stages[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or entry.get("run") not in PIPELINE_RUNS:
+            problems.append(f"{where}: needs a `name` and `run: one of {list(PIPELINE_RUNS)}`")
+            continue
+        unknown = set(entry) - {"name", "run", "model", "data", "set"}
+        if unknown:
+            problems.append(_unknown(f"{where}.{sorted(unknown)[0]}", [f"{where}.{k}" for k in ("name", "run", "model", "data", "set")]))
+        name, settings = entry["name"], dict(entry.get("set") or {})
+        if name in runs:
+            problems.append(f"{where}: a stage named {name!r} already exists")
+        stage_overrides = [f"train.output_dir={root / name}"]
+        model_from, data_from = entry.get("model"), entry.get("data")
+        if model_from is not None:
+            if model_from not in runs or runs[model_from] not in ("sft", "train"):
+                problems.append(f"{where}.model: {model_from!r} is not an earlier sft or train stage ({list(runs)})")
+            stage_overrides.append(f"model.name_or_path={root / str(model_from) / 'final'}")
+        if data_from is not None:
+            if runs.get(data_from) != "generate":
+                problems.append(f"{where}.data: {data_from!r} is not an earlier generate stage")
+            stage_overrides += [f"data.path={root / str(data_from) / base.generate.output}", "sft.response_column=completion"]
+        stage_overrides += [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                            for k, v in settings.items()]
+        try:
+            config = _config_from_raw(copy.deepcopy(raw), [*overrides, *stage_overrides], f"{source} {where}")
+        except ConfigError as e:
+            problems += [f"{where} ({name}): {p}" for p in e.problems]
+            continue
+        runs[name] = entry["run"]
+        stages.append(Stage(name, entry["run"], config, model_from, data_from))
+    if problems:
+        raise ConfigError(source, problems)
+    return stages
 
 
 def to_yaml(cfg: Config) -> str:

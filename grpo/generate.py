@@ -20,7 +20,8 @@ from grpo.scoring import Scorer
 
 
 def select_samples(texts: list[str], totals: list[float], keep: str, threshold: float, max_per_prompt: int) -> list[int]:
-    """Indices of one prompt's samples that pass, duplicates (same text) removed, in sampling order.
+    """Indices of one prompt's samples that pass, duplicates (same text) and empty texts removed, in
+    sampling order.
 
     threshold: the first max_per_prompt distinct samples with total >= threshold.
     best: the highest-scoring sample (the first of equals) if it reaches threshold.
@@ -30,7 +31,7 @@ def select_samples(texts: list[str], totals: list[float], keep: str, threshold: 
     """
     seen, passing = set(), []
     for i, (text, total) in enumerate(zip(texts, totals)):
-        if total >= threshold and text not in seen:
+        if total >= threshold and text.strip() and text not in seen:
             seen.add(text)
             passing.append(i)
     if keep == "best":

@@ -49,6 +49,7 @@ def test_select_samples_keeps_exactly_the_passing_ones(keep, max_per_prompt, exp
 def test_select_samples_best_and_nothing_passing():
     assert select_samples(["a", "b", "c"], [0.5, 2.0, 3.0], "best", 1.0, 1) == [2]
     assert select_samples(["a", "b"], [0.1, 0.2], "threshold", 1.0, 3) == []
+    assert select_samples(["", " ", "c"], [1.0, 1.0, 1.0], "all_passing", 1.0, 3) == [2]
 
 
 def test_sft_learns_the_responses(tiny_model_dir, tmp_path):
@@ -80,3 +81,80 @@ def test_generate_writes_a_filtered_dataset(tiny_model_dir, tmp_path):
     for question in set(dataset["question"]):
         texts = [c for c, q in zip(dataset["completion"], dataset["question"]) if q == question]
         assert len(texts) == len(set(texts))  # deduplicated per prompt
+
+
+PIPELINE = """
+model: {{name_or_path: {model}}}
+data: {{path: {data}, max_samples: 16, prompt_format: "{{question}} Reply with the number only."}}
+rollout: {{num_generations: 4, max_completion_length: 6}}
+rewards: [{{fn: '{rules}:short'}}]
+optim: {{lr: 1.0e-2}}
+train: {{output_dir: {out}, prompts_per_step: 2, micro_batch_size: 4, max_steps: 2, mixed_precision: fp32}}
+scoring: {{workers: 0}}
+eval: {{path: {eval}, num_prompts: 4, reward: short}}
+generate: {{num_samples: 4, keep: all_passing, threshold: 1.0}}
+logging: {{wandb: disabled}}
+distill: {{teacher: {model}}}
+stages:
+  - {{name: gen, run: generate}}
+  - {{name: cold, run: sft, data: gen, set: {{sft.batch_size: 4}}}}
+  - {{name: rl, run: train, model: cold}}
+  - {{name: check, run: eval, model: rl}}
+"""
+
+
+@pytest.fixture
+def pipeline_file(tiny_model_dir, tmp_path):
+    rules = tmp_path / "rules.py"
+    rules.write_text("def short(completion, example):\n    return 1.0 if len(completion) < 5 else 0.0\n")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(PIPELINE.format(model=tiny_model_dir, data=ROOT / "data/arithmetic/train.jsonl", rules=rules,
+                                    out=tmp_path / "out", eval=ROOT / "data/arithmetic/test.jsonl"))
+    return path
+
+
+def test_pipeline_chains_stages_and_a_restart_skips_finished_ones(pipeline_file, tmp_path, capsys):
+    assert main(["pipeline", str(pipeline_file)]) == 0
+    out = tmp_path / "out"
+    assert all((out / name / "DONE").is_file() for name in ["gen", "cold", "rl", "check"])
+    assert f"name_or_path: {out / 'cold' / 'final'}" in (out / "rl" / "config.yaml").read_text()
+    assert f"path: {out / 'gen' / 'generated.jsonl'}" in (out / "cold" / "config.yaml").read_text()
+    assert "eval/accuracy" in json.loads((out / "check" / "DONE").read_text())
+    first_done = (out / "gen" / "DONE").stat().st_mtime_ns
+    (out / "rl" / "DONE").unlink()
+    (out / "check" / "DONE").unlink()
+    capsys.readouterr()
+    assert main(["pipeline", str(pipeline_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1/4 gen (generate): done before, skipped" in printed
+    assert "stage 2/4 cold (sft): done before, skipped" in printed and "stage 3/4 rl (train) ->" in printed
+    assert (out / "gen" / "DONE").stat().st_mtime_ns == first_done
+
+
+def test_pipeline_errors_name_the_stage(pipeline_file):
+    from grpo.config import ConfigError, load_pipeline
+
+    text = pipeline_file.read_text().replace("model: cold}", "model: nope}").replace("sft.batch_size: 4", "sft.batch: 4")
+    pipeline_file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(pipeline_file)
+    message = str(info.value)
+    assert "stages[2].model: 'nope' is not an earlier sft or train stage" in message
+    assert "stages[1] (cold): sft.batch: unknown key; did you mean 'sft.batch_size'?" in message
+
+
+def test_distill_runs_teacher_student_and_evaluation(pipeline_file, tmp_path):
+    assert main(["distill", str(pipeline_file)]) == 0
+    out = tmp_path / "out"
+    assert (out / "teacher" / "generated.jsonl").is_file() and (out / "student" / "final").is_dir()
+    result = json.loads((out / "student_eval" / "DONE").read_text())
+    assert 0.0 <= result["eval/accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_pipelines_validate(path, monkeypatch):
+    from grpo.config import load_pipeline
+
+    monkeypatch.chdir(ROOT)
+    stages = load_pipeline(path, distill="distill" in path.name)
+    assert stages and all(s.config.train.output_dir.startswith("runs/") for s in stages)
