@@ -75,9 +75,9 @@ class Tracker:
         rules = [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items()
                  if k.startswith("reward/") and k.count("/") == 1 and isinstance(v, float) and math.isfinite(v)]
         done = step - self.first_step + 1
-        eta = (time.monotonic() - self.started) / max(done, 1) * (self.max_steps - step)
+        eta = _duration((time.monotonic() - self.started) / done * (self.max_steps - step)) if done > 0 else "-"
         bar = "#" * round(10 * step / max(self.max_steps, 1))
-        return f"step {step:>4}/{self.max_steps} [{bar:<10}] eta {_duration(eta)} | " + " | ".join(parts[:1] + rules + parts[1:])
+        return f"step {step:>4}/{self.max_steps} [{bar:<10}] eta {eta} | " + " | ".join(parts[:1] + rules + parts[1:])
 
     def finish(self) -> None:
         self.jsonl.close()
