@@ -43,6 +43,7 @@ from grpo.evaluate import evaluate
 from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
+from grpo.moe import RouterProbe
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
 from grpo.scoring import Scorer, Scores
@@ -346,10 +347,13 @@ def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advanta
     global_tokens = loss_mask.sum().item() * accelerator.num_processes
     if accelerator.num_processes > 1:
         global_tokens = accelerator.reduce(loss_mask.sum().float(), "sum").item()
-    metrics = accumulate_gradients(policy, rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg,
-                                   accelerator.autocast, accelerator.backward,
-                                   no_sync=lambda: accelerator.no_sync(policy),
-                                   num_tokens=global_tokens / accelerator.num_processes)
+    probe = RouterProbe(accelerator.unwrap_model(policy))  # mixture-of-experts routing; no routers, no metrics
+    with probe.recording():
+        metrics = accumulate_gradients(policy, rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg,
+                                       accelerator.autocast, accelerator.backward,
+                                       no_sync=lambda: accelerator.no_sync(policy),
+                                       num_tokens=global_tokens / accelerator.num_processes)
+    metrics.update(probe.metrics())
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), max_norm).item()
     metrics["skipped_update"] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])))

@@ -1,0 +1,83 @@
+"""Routing statistics of mixture-of-experts models (DeepSeekMoE and the like), read with forward hooks.
+
+A router is any submodule whose output holds an integer tensor of chosen experts [tokens, k] beside a float
+tensor of router logits [tokens, E] (transformers' DeepseekV3TopkRouter returns (logits, weights, indices)).
+Statistics cover every token the model processed while recording (prompt, completion and padding positions
+of the training forward). Knows nothing of training; dense models have no routers and give no metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def routing_metrics(topk_indices: torch.Tensor, router_logits: torch.Tensor, num_experts: int) -> dict[str, float]:
+    """Expert load and router entropy for one layer's routing decisions.
+
+    load_e = (times expert e was chosen) / (tokens * k); imbalance = max_e load_e / mean_e load_e (1 when
+    uniform, E when one expert takes everything); router entropy = mean over tokens of the entropy of the
+    router's distribution over experts, softmax(router_logits), in nats (log E at most).
+    Example: 2 tokens choosing experts [[0, 1], [0, 2]] of 4 -> load [0.5, 0.25, 0.25, 0], imbalance 2.
+    """
+    counts = torch.bincount(topk_indices.reshape(-1), minlength=num_experts).float()
+    load = counts / counts.sum().clamp(min=1)
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(dim=-1).mean()
+    return {"load_imbalance": (load.max() / load.mean()).item(), "router_entropy": entropy.item(),
+            "max_load": load.max().item(), **{f"load/{e}": load[e].item() for e in range(num_experts)}}
+
+
+class RouterProbe:
+    """Collects the routing decisions of every router in `model` while `recording()` is active."""
+
+    def __init__(self, model):
+        self.routers = {name: module for name, module in model.named_modules() if _is_router(module)}
+        self._records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._records = {name: [] for name in self.routers}
+        handles = [module.register_forward_hook(self._hook(name)) for name, module in self.routers.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, name: str):
+        def record(module, inputs, output):
+            logits, indices = _split_router_output(output)
+            if indices is not None:
+                self._records[name].append((indices.detach().reshape(-1, indices.shape[-1]),
+                                            logits.detach().reshape(-1, logits.shape[-1])))
+        return record
+
+    def metrics(self) -> dict[str, float]:
+        """moe/<metric> averaged over layers, and moe/layer<i>/<metric> per router layer."""
+        out, per_layer = {}, []
+        for i, (name, records) in enumerate(self._records.items()):
+            if not records:
+                continue
+            indices = torch.cat([r[0] for r in records])
+            logits = torch.cat([r[1] for r in records])
+            m = routing_metrics(indices, logits, logits.shape[-1])
+            per_layer.append(m)
+            out.update({f"moe/layer{i}/{k}": v for k, v in m.items() if not k.startswith("load/")})
+        for key in ("load_imbalance", "router_entropy", "max_load"):
+            if per_layer:
+                out[f"moe/{key}"] = sum(m[key] for m in per_layer) / len(per_layer)
+        return out
+
+
+def _split_router_output(output):
+    if not isinstance(output, tuple):
+        return None, None
+    indices = next((t for t in output if torch.is_tensor(t) and not t.is_floating_point()), None)
+    logits = next((t for t in output if torch.is_tensor(t) and t.is_floating_point()), None)
+    return logits, indices
+
+
+def _is_router(module) -> bool:
+    return type(module).__name__.endswith(("TopkRouter", "Router")) and hasattr(module, "weight")
