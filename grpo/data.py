@@ -92,6 +92,11 @@ def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[
     return examples, {"incomplete": len({i for i, _ in bad}) if cfg.drop_incomplete_rows else 0, "too_long": too_long}
 
 
+def load_examples(path: str, split: str, max_samples: int | None, cfg, tokenizer) -> tuple[list[dict], dict]:
+    """`build_examples` over the rows of `path` (the first max_samples of them)."""
+    return build_examples(load_rows(path, split, max_samples), cfg, tokenizer, path)
+
+
 class PromptSampler:
     """Draws prompts in a seeded order, epoch after epoch; its position can be saved and restored."""
 

@@ -45,22 +45,17 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
 
 def evaluate_checkpoint(cfg, checkpoint: str | None) -> dict[str, float]:
     """`grpo eval`: evaluate a saved model (or cfg.model when checkpoint is None) on cfg.eval.path."""
-    import dataclasses
-
-    from accelerate import Accelerator
-
-    from grpo.data import build_examples, load_rows
+    from grpo.data import load_examples
     from grpo.model import load_model, load_tokenizer
+    from grpo.optim import make_accelerator, model_config_for
     from grpo.scoring import Scorer
 
     if cfg.eval.path is None:
         raise ValueError("eval.path is not set: name the held-out prompts, e.g. eval.path=data/gsm8k/test.jsonl")
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=checkpoint, gguf_file=None) if checkpoint else cfg.model
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
-                              cpu=cfg.train.cpu or not torch.cuda.is_available())  # CPU processes: gloo
+    model_cfg = model_config_for(cfg.model, checkpoint)
+    accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(model_cfg)
-    examples, _ = build_examples(load_rows(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts), cfg.data, tokenizer,
-                                 cfg.eval.path)
+    examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer)
     model = load_model(model_cfg, accelerator.device, trainable=False)
     scorer = Scorer(cfg.rewards, cfg.scoring)
     try:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from grpo.config import Config
-from grpo.data import build_examples, load_rows
+from grpo.data import load_examples
 from grpo.model import load_model, load_tokenizer
+from grpo.optim import make_accelerator, model_config_for
 from grpo.rollout import generate
 from grpo.scoring import Scorer
 
@@ -43,16 +42,12 @@ def select_samples(texts: list[str], totals: list[float], keep: str, threshold: 
 
 def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
     """Write train.output_dir/generate.output from cfg.data's prompts; returns its path."""
-    import dataclasses
-
     g = cfg.generate
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=checkpoint, gguf_file=None) if checkpoint else cfg.model
+    model_cfg = model_config_for(cfg.model, checkpoint)
     set_seed(cfg.train.seed)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
-                              cpu=cfg.train.cpu or not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(model_cfg)
-    examples, _ = build_examples(load_rows(cfg.data.path, cfg.data.split, cfg.data.max_samples), cfg.data, tokenizer,
-                                 cfg.data.path)
+    examples, _ = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer)
     model = load_model(model_cfg, accelerator.device, trainable=False)
     out = Path(cfg.train.output_dir) / g.output
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import get_scheduler
 
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from grpo.config import Config, to_yaml
 from grpo.data import DataError, PromptSampler, build_examples, load_rows
 from grpo.model import load_model, load_tokenizer
+from grpo.optim import make_accelerator, make_optimizer, make_scheduler
 from grpo.tracking import Tracker, truncate_metrics
 
 IGNORE = -100
@@ -67,8 +66,7 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     set_seed(cfg.train.seed)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
-                              cpu=cfg.train.cpu or not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(cfg.model)
     rows = load_rows(cfg.data.path, cfg.data.split, cfg.data.max_samples)
     missing = [i for i, row in enumerate(rows) if not str(row.get(cfg.sft.response_column) or "").strip()]
@@ -77,10 +75,8 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
                         f"{missing[0]}); set sft.response_column to the column with the target responses")
     examples, _ = build_examples(rows, cfg.data, tokenizer, cfg.data.path)
     model = load_model(cfg.model, accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.optim.scheduler, cfg.optim.scheduler),
-                              optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.max_steps)
+    optimizer = make_optimizer(model.parameters(), cfg.optim, accelerator.device)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     sampler = PromptSampler(examples, cfg.train.seed, cfg.data.shuffle)
     start = 0
