@@ -129,8 +129,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
     tracker = Tracker(cfg, out, cfg.train.max_steps, start_step + 1) if accelerator.is_main_process else NullTracker()
 
     accelerator.print(f"device {accelerator.device} x {W} processes, mixed precision {cfg.train.mixed_precision}; "
-          f"{len(train_examples)} training prompts ({dropped['too_long']} over-long and {dropped['incomplete']} "
-          f"incomplete rows dropped), {len(eval_examples)} eval prompts")
+                      f"{len(train_examples)} training prompts ({dropped['too_long']} over-long and "
+                      f"{dropped['incomplete']} incomplete rows dropped), {len(eval_examples)} eval prompts")
     accelerator.print(f"per step: {B} prompts x {G} completions = {N} completions, up to "
                       f"{N * cfg.rollout.max_completion_length} new tokens, {N // W // cfg.train.micro_batch_size} "
                       f"micro-batches of {cfg.train.micro_batch_size} per process; {cfg.train.max_steps} steps")
@@ -204,6 +204,7 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                                f"row (train.max_nonfinite_steps); this step's rollouts are in {dump}")
         if _any_process(accelerator, stop.requested is not None):  # all processes stop after the same step
             save(step)
+            stop.restore()
             tracker.finish()
             accelerator.print(f"stopped after step {step} ({stop.requested or 'another process'}); checkpoint saved. "
                               f"Continue with:\n    grpo train CONFIG --resume   (output_dir {out})")
@@ -220,8 +221,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                                                    cfg.train.max_steps)
         before = results.get("eval/accuracy_before")
         accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
-              + (f"before {before:.3f}, " if before is not None else "")
-              + f"after {results['eval/accuracy_after']:.3f}")
+                          + (f"before {before:.3f}, " if before is not None else "")
+                          + f"after {results['eval/accuracy_after']:.3f}")
     if accelerator.is_main_process:
         save_model(out / "final", model, tokenizer)
         print(f"final model saved to {out / 'final'}")
