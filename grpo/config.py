@@ -466,6 +466,8 @@ def _build(raw: dict, problems: list[str]) -> Config:
                 problems.append(f"{key}: expected a mapping of fields, got {type(value).__name__}")
                 continue
             kwargs[key] = _build_section(key, SECTIONS[key], value, problems)
+        elif key == "stages":
+            problems.append("stages: this is a pipeline file; run it with `grpo pipeline FILE` (or `grpo distill FILE`)")
         else:
             problems.append(_unknown(key, [*SECTIONS, "rewards"]))
     return Config(**kwargs)  # built from the valid fields, so combinations are checked even beside other problems

@@ -93,3 +93,9 @@ def test_user_reward_file_resolves(tmp_path):
         load_config(path)
     assert "has no function 'missing'; it defines ['short']" in str(info.value)
     assert "problem in the config" in str(info.value)
+
+
+def test_a_pipeline_file_is_named_as_such(tmp_path):
+    path = write(tmp_path, "stages:\n  - {name: a, run: sft}\n")
+    with pytest.raises(ConfigError, match="this is a pipeline file; run it with `grpo pipeline FILE`"):
+        load_config(path)
