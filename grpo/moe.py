@@ -54,6 +54,10 @@ class RouterProbe:
                                             logits.detach().reshape(-1, logits.shape[-1])))
         return record
 
+    def calls(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per router, the (chosen experts [tokens, k], router logits [tokens, E]) of each forward call."""
+        return self._records
+
     def metrics(self) -> dict[str, float]:
         """moe/<metric> averaged over layers, and moe/layer<i>/<metric> per router layer."""
         out, per_layer = {}, []
@@ -81,3 +85,26 @@ def _split_router_output(output):
 
 def _is_router(module) -> bool:
     return type(module).__name__.endswith(("TopkRouter", "Router")) and hasattr(module, "weight")
+
+
+def routing_drift(decode_routes: torch.Tensor, train_routes: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of completion tokens whose chosen experts (as a set) differ between two passes of the same
+    policy: routes [N, T', k] (-1 where a pass did not route that token), mask [N, T'] of tokens to compare.
+    Example: token 0 chose {1, 3} in both passes, token 1 chose {1, 2} then {2, 4} -> drift 0.5.
+    """
+    a, b = decode_routes.sort(dim=-1).values, train_routes.sort(dim=-1).values
+    valid = mask.bool() & (a >= 0).all(dim=-1) & (b >= 0).all(dim=-1)
+    if not valid.any():
+        return float("nan")
+    return ((a != b).any(dim=-1) & valid).sum().item() / valid.sum().item()
+
+
+def decode_routes(calls: list[tuple[torch.Tensor, torch.Tensor]], decode_rows: list[torch.Tensor], N: int, T: int,
+                  k: int) -> torch.Tensor:
+    """[N, T, k] experts chosen for each completion token while decoding: call 0 is the prompt prefill,
+    call 1 + t fed completion token t of rows decode_rows[t]; -1 where a token was never fed."""
+    routes = torch.full((N, T, k), -1, dtype=torch.long)
+    for t, rows in enumerate(decode_rows):
+        if 1 + t < len(calls):
+            routes[rows.cpu(), t] = calls[1 + t][0].cpu()
+    return routes

@@ -72,6 +72,7 @@ class Rollouts:
     truncated: torch.Tensor  # [N] bool: no EOS within max_completion_length
     texts: list[str]  # N decoded completions, special tokens removed
     prompts: list[str]  # N prompt texts (each repeated G times)
+    decode_rows: list | None = None  # per decoding forward t: the rows [n_t] whose completion token t it fed
 
     def select(self, rows: torch.Tensor) -> "Rollouts":
         """The rollouts at `rows` (a [K] index tensor), in that order."""
@@ -188,6 +189,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         active = torch.arange(N, device=device)  # rows of `tokens` still in the batch
         finished = torch.zeros(N, dtype=torch.bool, device=device)  # per batch row: has produced an EOS
         generators = None if seeds is None else [torch.Generator(device).manual_seed(s) for s in seeds]
+        decode_rows = []
         for t in range(cfg.max_completion_length):
             next_tokens = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, greedy, generators)  # [n]
             next_tokens = next_tokens.masked_fill(finished, pad)  # rows already done only pad
@@ -202,6 +204,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
                 finished = finished[keep]
                 generators = None if generators is None else [generators[i] for i in keep.tolist()]
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+            decode_rows.append(active)
             out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention, position_ids=positions,
                         use_cache=True, **{cache_arg: cache})
             logits, positions = out.logits[:, -1], positions + 1
@@ -219,4 +222,5 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         truncated=truncated,
         texts=texts,
         prompts=[p for p in prompts for _ in range(G)],
+        decode_rows=decode_rows,
     )

@@ -42,7 +42,7 @@ from grpo.evaluate import evaluate
 from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
-from grpo.moe import RouterProbe
+from grpo.moe import RouterProbe, decode_routes, routing_drift
 from grpo.optim import make_accelerator, make_optimizer, make_scheduler
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
@@ -250,7 +250,8 @@ def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer,
         batch = sampler.next_batch(needed)[rank * share:(rank + 1) * share]
         first = rank * share * G
         seeds = [_completion_seed(cfg.train.seed, step, round_, first + i) for i in range(share * G)]
-        with timer("rollout"):
+        probe = RouterProbe(model)  # mixture-of-experts: the experts chosen while decoding
+        with timer("rollout"), probe.recording():
             rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], G, cfg.rollout,
                                 autocast=accelerator.autocast, seeds=seeds)
         with timer("rewards"):
@@ -269,7 +270,28 @@ def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer,
     if cfg.algorithm.dynamic_sampling:
         metrics = {"sampling/groups_drawn": float(drawn), "sampling/groups_dropped": float(dropped),
                    "sampling/groups_trained": float(drawn - dropped)}
+    elif probe.routers:
+        with timer("routing_drift"):
+            metrics["moe/routing_drift"] = _routing_drift(model, rollouts, probe, cfg, accelerator)
     return concat_rollouts(kept_rollouts, tokenizer.pad_token_id), Scores.concat(kept_scores), metrics
+
+
+def _routing_drift(model, rollouts: Rollouts, decoding: RouterProbe, cfg: Config, accelerator: Accelerator) -> float:
+    """Fraction of completion tokens whose experts differ between decoding and a teacher-forced pass of the
+    same policy through the training path (shared prompt, one batch), averaged over MoE layers."""
+    N, T = rollouts.completion_ids.shape
+    if T < 2:
+        return float("nan")
+    training = RouterProbe(model)
+    with torch.no_grad(), accelerator.autocast(), training.recording():
+        rollout_logprobs(model, rollouts, slice(0, N), cfg.rollout.num_generations, cfg.rollout.temperature)
+    drifts = []
+    for name, calls in training.calls().items():
+        k = calls[1][0].shape[-1]  # call 0 ran the prompts, call 1 the completions
+        trained = calls[1][0].reshape(N, T - 1, k).cpu()
+        decoded = decode_routes(decoding.calls()[name], rollouts.decode_rows, N, T, k)[:, :T - 1]
+        drifts.append(routing_drift(decoded, trained, rollouts.completion_mask[:, :T - 1].cpu()))
+    return sum(drifts) / len(drifts)
 
 
 def _completion_seed(seed: int, step: int, round_: int, index: int) -> int:

@@ -75,3 +75,25 @@ def test_deepseek_v3_trains_with_grpo(tiny_v3, tmp_path):
     before, after = load_file(folder / "model.safetensors"), load_file(tmp_path / "run/final/model.safetensors")
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("experts" in k for k in changed) and any("kv_a_proj" in k for k in changed)
+
+
+def test_routing_drift_by_hand():
+    from grpo.moe import routing_drift
+
+    decoded = torch.tensor([[[3, 1], [1, 2], [-1, -1]]])
+    trained = torch.tensor([[[1, 3], [2, 4], [0, 1]]])
+    assert routing_drift(decoded, trained, torch.tensor([[1, 1, 1]])) == 0.5  # the third token was never decoded
+    assert routing_drift(decoded, trained, torch.tensor([[1, 0, 0]])) == 0.0
+
+
+def test_routing_drift_is_logged_and_small_in_fp32(tiny_v3, tmp_path):
+    folder, _, _ = tiny_v3
+    rules = tmp_path / "rules.py"
+    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
+    assert main(["train", str(ROOT / "configs/deepseek_v3_tiny.yaml"), f"model.name_or_path={folder}",
+                 f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
+                 f"rewards=[{{fn: '{rules}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
+                 "scoring.workers=0", "train.mixed_precision=fp32", f"train.output_dir={tmp_path / 'run'}"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    drift = [r["moe/routing_drift"] for r in records]
+    assert all(0.0 <= d < 0.05 for d in drift), drift  # decode (KV cache) and full pass agree but for ties
