@@ -227,6 +227,13 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    bias_update_speed: float = 0.0
+    """DeepSeek-V3's auxiliary-loss-free load balancing during RL: after each update, every router's selection
+    bias moves against its experts' load, b_e += speed * sign(mean load - load_e) (0: left alone)."""
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     teacher: Optional[str] = None
     """`grpo distill`: the teacher model that generates (folder, hub id, .gguf); the student is `model`."""
@@ -281,6 +288,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -54,6 +54,16 @@ class RouterProbe:
                                             logits.detach().reshape(-1, logits.shape[-1])))
         return record
 
+    def loads(self) -> dict[str, torch.Tensor]:
+        """Per router, the fraction of choices that went to each expert [E] over the recorded calls."""
+        out = {}
+        for name, records in self._records.items():
+            if records:
+                num_experts = records[0][1].shape[-1]
+                counts = torch.bincount(torch.cat([r[0].reshape(-1) for r in records]), minlength=num_experts).float()
+                out[name] = counts / counts.sum().clamp(min=1)
+        return out
+
     def calls(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per router, the (chosen experts [tokens, k], router logits [tokens, E]) of each forward call."""
         return self._records
@@ -108,3 +118,14 @@ def decode_routes(calls: list[tuple[torch.Tensor, torch.Tensor]], decode_rows: l
         if 1 + t < len(calls):
             routes[rows.cpu(), t] = calls[1 + t][0].cpu()
     return routes
+
+
+def update_selection_bias(router, load: torch.Tensor, speed: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: b_e += speed * sign(mean(load) - load_e), on the bias the
+    router adds to its scores for choosing experts only (not to the weights it mixes them with).
+    Example: load [0.5, 0.3, 0.1, 0.1], speed 0.01 -> bias change [-0.01, -0.01, +0.01, +0.01]."""
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is None:
+        raise ValueError(f"{type(router).__name__} has no selection bias (e_score_correction_bias) to update")
+    with torch.no_grad():
+        bias += speed * torch.sign(load.mean() - load).to(bias.device, bias.dtype)

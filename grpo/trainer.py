@@ -42,7 +42,7 @@ from grpo.evaluate import evaluate
 from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
-from grpo.moe import RouterProbe, decode_routes, routing_drift
+from grpo.moe import RouterProbe, decode_routes, routing_drift, update_selection_bias
 from grpo.optim import make_accelerator, make_optimizer, make_scheduler
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
@@ -374,6 +374,11 @@ def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advanta
     if not metrics["skipped_update"]:  # a NaN or inf loss or gradient never reaches the weights
         optimizer.step()
         scheduler.step()
+        if cfg.moe.bias_update_speed:
+            for name, load in probe.loads().items():
+                if accelerator.num_processes > 1:
+                    load = accelerator.reduce(load.to(accelerator.device), "mean")
+                update_selection_bias(probe.routers[name], load, cfg.moe.bias_update_speed)
     optimizer.zero_grad(set_to_none=True)
     return metrics
 

@@ -97,3 +97,51 @@ def test_routing_drift_is_logged_and_small_in_fp32(tiny_v3, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     drift = [r["moe/routing_drift"] for r in records]
     assert all(0.0 <= d < 0.05 for d in drift), drift  # decode (KV cache) and full pass agree but for ties
+
+
+def test_selection_bias_update_by_hand_and_toward_uniform_load(tiny_v3):
+    from grpo.moe import update_selection_bias
+
+    _, model, _ = tiny_v3
+    router = model.model.layers[1].mlp.gate
+    saved = router.e_score_correction_bias.clone()
+    try:
+        router.e_score_correction_bias.zero_()
+        update_selection_bias(router, torch.tensor([0.5, 0.3, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0]), 0.01)
+        assert router.e_score_correction_bias.tolist() == pytest.approx([-0.01, -0.01] + [0.01] * 6)
+        # constructed imbalance: the router's weights favour expert 0 for every token
+        router.e_score_correction_bias.zero_()
+        weight = router.weight.data.clone()
+        router.weight.data[0] += 0.5
+        hidden = torch.randn(256, router.weight.shape[1])
+
+        def imbalance():
+            with torch.no_grad():
+                _, _, indices = router(hidden)
+            return routing_metrics(indices, torch.zeros(1, 8), 8)["load_imbalance"], indices
+
+        start, _ = imbalance()
+        for _ in range(30):
+            _, indices = imbalance()
+            load = torch.bincount(indices.reshape(-1), minlength=8).float()
+            update_selection_bias(router, load / load.sum(), 0.02)
+        end, _ = imbalance()
+        assert start > 1.5 and end < start * 0.7, (start, end)
+    finally:
+        router.weight.data.copy_(weight)
+        router.e_score_correction_bias.copy_(saved)
+
+
+def test_bias_balancing_runs_in_training(tiny_v3, tmp_path):
+    folder, _, _ = tiny_v3
+    rules = tmp_path / "rules.py"
+    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
+    assert main(["train", str(ROOT / "configs/deepseek_v3_tiny.yaml"), f"model.name_or_path={folder}",
+                 f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
+                 f"rewards=[{{fn: '{rules}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
+                 "scoring.workers=0", "moe.bias_update_speed=0.001", f"train.output_dir={tmp_path / 'run'}"]) == 0
+    from safetensors.torch import load_file
+
+    after = load_file(tmp_path / "run/final/model.safetensors")
+    bias = after["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.abs().max().item() == pytest.approx(0.002, abs=1e-6)  # two steps of 0.001
