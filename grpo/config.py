@@ -231,6 +231,8 @@ class MoEConfig:
     bias_update_speed: float = 0.0
     """DeepSeek-V3's auxiliary-loss-free load balancing during RL: after each update, every router's selection
     bias moves against its experts' load, b_e += speed * sign(mean load - load_e) (0: left alone)."""
+    routing_replay: bool = False
+    """Train each completion token through the experts it was routed to while decoding (needs share_prompt)."""
 
 
 @dataclass(frozen=True)
@@ -613,6 +615,8 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("optim.lr: must be > 0")
     if cfg.scoring.workers < 0 or cfg.scoring.timeout <= 0 or cfg.scoring.error_window < 1:
         p.append("scoring: workers must be >= 0, timeout > 0 and error_window >= 1")
+    if cfg.moe.routing_replay and not t.share_prompt:
+        p.append("moe.routing_replay: needs train.share_prompt=true (replay follows the shared-prompt pass)")
     if cfg.data.max_prompt_length < 1:
         p.append("data.max_prompt_length: must be at least 1")
     if "{question}" not in cfg.data.prompt_format:

@@ -120,6 +120,40 @@ def decode_routes(calls: list[tuple[torch.Tensor, torch.Tensor]], decode_rows: l
     return routes
 
 
+@contextlib.contextmanager
+def replay_routes(model, routes: dict[str, torch.Tensor] | None, rows: slice, completion_length: int):
+    """Routing replay: while active, every router's second call (the completion pass of
+    `shared_prefix_logprobs` over rollouts[rows]) chooses the experts recorded while decoding, where recorded.
+
+    The mixing weights are recomputed for the replayed experts as DeepSeek-V3's router computes them:
+    sigmoid(router logits) at the chosen experts, normalised when norm_topk_prob, times routed_scaling_factor.
+    """
+    routers = {name: module for name, module in model.named_modules() if routes and name in routes}
+    calls = dict.fromkeys(routers, 0)
+
+    def patched(name, router, original):
+        def forward(hidden_states):
+            logits, weights, indices = original(hidden_states)
+            calls[name] += 1
+            if calls[name] != 2:  # call 1 ran the prompts
+                return logits, weights, indices
+            replay = routes[name][rows, :completion_length - 1].reshape(-1, indices.shape[-1]).to(indices.device)
+            indices = torch.where((replay >= 0).all(dim=-1, keepdim=True), replay, indices)
+            weights = logits.sigmoid().gather(1, indices)
+            if getattr(router, "norm_topk_prob", False):
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return logits, weights * getattr(router, "routed_scaling_factor", 1.0), indices
+        return forward
+
+    for name, router in routers.items():
+        router.forward = patched(name, router, router.forward)
+    try:
+        yield
+    finally:
+        for router in routers.values():
+            del router.forward  # back to the class's forward
+
+
 def update_selection_bias(router, load: torch.Tensor, speed: float) -> None:
     """DeepSeek-V3's auxiliary-loss-free balancing: b_e += speed * sign(mean(load) - load_e), on the bias the
     router adds to its scores for choosing experts only (not to the weights it mixes them with).

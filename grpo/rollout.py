@@ -73,6 +73,7 @@ class Rollouts:
     texts: list[str]  # N decoded completions, special tokens removed
     prompts: list[str]  # N prompt texts (each repeated G times)
     decode_rows: list | None = None  # per decoding forward t: the rows [n_t] whose completion token t it fed
+    routes: dict | None = None  # mixture-of-experts: router name -> experts chosen while decoding [N, T, k], -1 unfed
 
     def select(self, rows: torch.Tensor) -> "Rollouts":
         """The rollouts at `rows` (a [K] index tensor), in that order."""

@@ -42,7 +42,7 @@ from grpo.evaluate import evaluate
 from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
-from grpo.moe import RouterProbe, decode_routes, routing_drift, update_selection_bias
+from grpo.moe import RouterProbe, decode_routes, replay_routes, routing_drift, update_selection_bias
 from grpo.optim import make_accelerator, make_optimizer, make_scheduler
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
@@ -271,12 +271,15 @@ def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer,
         metrics = {"sampling/groups_drawn": float(drawn), "sampling/groups_dropped": float(dropped),
                    "sampling/groups_trained": float(drawn - dropped)}
     elif probe.routers:
+        N, T = rollouts.completion_ids.shape
+        rollouts.routes = {name: decode_routes(calls, rollouts.decode_rows, N, T, calls[0][0].shape[-1])
+                           for name, calls in probe.calls().items()}
         with timer("routing_drift"):
-            metrics["moe/routing_drift"] = _routing_drift(model, rollouts, probe, cfg, accelerator)
+            metrics["moe/routing_drift"] = _routing_drift(model, rollouts, cfg, accelerator)
     return concat_rollouts(kept_rollouts, tokenizer.pad_token_id), Scores.concat(kept_scores), metrics
 
 
-def _routing_drift(model, rollouts: Rollouts, decoding: RouterProbe, cfg: Config, accelerator: Accelerator) -> float:
+def _routing_drift(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator) -> float:
     """Fraction of completion tokens whose experts differ between decoding and a teacher-forced pass of the
     same policy through the training path (shared prompt, one batch), averaged over MoE layers."""
     N, T = rollouts.completion_ids.shape
@@ -289,7 +292,7 @@ def _routing_drift(model, rollouts: Rollouts, decoding: RouterProbe, cfg: Config
     for name, calls in training.calls().items():
         k = calls[1][0].shape[-1]  # call 0 ran the prompts, call 1 the completions
         trained = calls[1][0].reshape(N, T - 1, k).cpu()
-        decoded = decode_routes(decoding.calls()[name], rollouts.decode_rows, N, T, k)[:, :T - 1]
+        decoded = rollouts.routes[name][:, :T - 1]
         drifts.append(routing_drift(decoded, trained, rollouts.completion_mask[:, :T - 1].cpu()))
     return sum(drifts) / len(drifts)
 
@@ -350,6 +353,12 @@ def _logprobs(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator) 
                           for start in range(0, rollouts.completion_ids.shape[0], mb)])
 
 
+def _causal_lm(policy):
+    """The causal LM inside a (DDP-wrapped) LogprobModel, or `policy` itself."""
+    module = getattr(policy, "module", policy)
+    return module.model if isinstance(module, LogprobModel) else module
+
+
 def _micro_batch_logprobs(model, rollouts: Rollouts, rows: slice, cfg: Config, entropy: list | None = None):
     return rollout_logprobs(model, rollouts, rows, cfg.rollout.num_generations, cfg.rollout.temperature,
                             share_prompt=cfg.train.share_prompt, entropy=entropy)
@@ -402,7 +411,9 @@ def accumulate_gradients(policy, rollouts: Rollouts, loss_mask, advantages, old_
     for start in starts:
         rows = slice(start, start + mb)
         mask, entropy = loss_mask[rows], []
-        with autocast(), (no_sync() if start != starts[-1] else contextlib.nullcontext()):
+        replay = replay_routes(_causal_lm(policy), rollouts.routes if cfg.moe.routing_replay else None, rows,
+                               rollouts.completion_ids.shape[1])
+        with autocast(), replay, (no_sync() if start != starts[-1] else contextlib.nullcontext()):
             logprobs = _micro_batch_logprobs(policy, rollouts, rows, cfg, entropy)
         loss, metrics = policy_loss(
             logprobs, logprobs.detach() if old_logprobs is None else old_logprobs[rows], advantages[rows], mask,

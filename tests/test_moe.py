@@ -145,3 +145,45 @@ def test_bias_balancing_runs_in_training(tiny_v3, tmp_path):
     after = load_file(tmp_path / "run/final/model.safetensors")
     bias = after["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert bias.abs().max().item() == pytest.approx(0.002, abs=1e-6)  # two steps of 0.001
+
+
+def test_routing_replay_trains_through_the_recorded_experts(tiny_v3):
+    from grpo.moe import replay_routes
+
+    _, model, tok = tiny_v3
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    r = generate(model, tok, ["What is 1 + 2?", "Hi"], 3, RolloutConfig(max_completion_length=6))
+    N, T = r.completion_ids.shape
+    names = list(RouterProbe(model).routers)
+    generator = torch.Generator().manual_seed(0)
+    # routes unlike anything the router would choose: two distinct random experts per token, token (0, 0) unrecorded
+    routes = {n: torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(N * T)]).reshape(N, T, 2)
+              for n in names}
+    for n in names:
+        routes[n][0, 0] = -1
+    probe = RouterProbe(model)
+    with probe.recording(), replay_routes(model, routes, slice(0, N), T):
+        replayed = rollout_logprobs(model, r, slice(0, N), 3)
+    own = RouterProbe(model)
+    with own.recording():
+        plain = rollout_logprobs(model, r, slice(0, N), 3)
+    for n in names:
+        chosen = probe.calls()[n][1][0].reshape(N, T - 1, 2).sort(dim=-1).values
+        expected = routes[n][:, :T - 1].sort(dim=-1).values
+        assert torch.equal(chosen[0, 1:], expected[0, 1:]) and torch.equal(chosen[1:], expected[1:])
+        router_choice = own.calls()[n][1][0].reshape(N, T - 1, 2).sort(dim=-1).values
+        assert torch.equal(chosen[0, 0], router_choice[0, 0])  # the unrecorded token keeps the router's choice
+    assert not torch.allclose(replayed * r.completion_mask, plain * r.completion_mask)
+    assert all("forward" not in vars(m) for m in probe.routers.values())  # routers restored
+
+
+def test_routing_replay_runs_in_training(tiny_v3, tmp_path):
+    folder, _, _ = tiny_v3
+    rules = tmp_path / "rules.py"
+    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
+    assert main(["train", str(ROOT / "configs/deepseek_v3_tiny.yaml"), f"model.name_or_path={folder}",
+                 f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
+                 f"rewards=[{{fn: '{rules}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
+                 "scoring.workers=0", "moe.routing_replay=true", f"train.output_dir={tmp_path / 'run'}"]) == 0
+    assert (tmp_path / "run/final/model.safetensors").is_file()
