@@ -69,7 +69,8 @@ class RouterProbe:
         return self._records
 
     def metrics(self) -> dict[str, float]:
-        """moe/<metric> averaged over layers, and moe/layer<i>/<metric> per router layer."""
+        """moe/<metric> averaged over layers, and moe/layer<i>/<metric> per router layer, including the
+        fraction of choices per expert, moe/layer<i>/load/<e>."""
         out, per_layer = {}, []
         for i, (name, records) in enumerate(self._records.items()):
             if not records:
@@ -78,7 +79,7 @@ class RouterProbe:
             logits = torch.cat([r[1] for r in records])
             m = routing_metrics(indices, logits, logits.shape[-1])
             per_layer.append(m)
-            out.update({f"moe/layer{i}/{k}": v for k, v in m.items() if not k.startswith("load/")})
+            out.update({f"moe/layer{i}/{k}": v for k, v in m.items()})
         for key in ("load_imbalance", "router_entropy", "max_load"):
             if per_layer:
                 out[f"moe/{key}"] = sum(m[key] for m in per_layer) / len(per_layer)

@@ -57,6 +57,7 @@ def test_probe_sees_every_moe_layer(tiny_v3):
         model(input_ids=torch.randint(2, 90, (2, 5)))
     m = probe.metrics()
     assert set(m) >= {"moe/load_imbalance", "moe/router_entropy", "moe/layer0/load_imbalance", "moe/layer1/max_load"}
+    assert sum(m[f"moe/layer0/load/{e}"] for e in range(8)) == pytest.approx(1.0)
     assert 1.0 <= m["moe/load_imbalance"] <= 8.0 and 0 < m["moe/router_entropy"] <= math.log(8) + 1e-6
 
 
