@@ -207,6 +207,9 @@ class SFTConfig:
     """`grpo sft`: examples per optimizer step, accumulated in micro-batches of train.micro_batch_size."""
     max_length: int = 1024
     """`grpo sft`: prompt + response tokens longer than this are cut from the end of the response."""
+    packing: bool = False
+    """`grpo sft`: pack several short examples into one row of up to max_length tokens; each attends only
+    to itself (block-diagonal causal mask, positions restarting), so the loss equals the unpacked one."""
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,47 @@ def collate(features: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(features: list[tuple[list[int], list[int]]], max_length: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Group examples, in order, into rows of at most max_length tokens (an example never splits)."""
+    rows, row, used = [], [], 0
+    for ids, labels in features:
+        if row and used + len(ids) > max_length:
+            rows.append(row)
+            row, used = [], 0
+        row.append((ids, labels))
+        used += len(ids)
+    return rows + ([row] if row else [])
+
+
+def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows [n, L]: input_ids, labels (each example's first label ignored: nothing precedes it),
+    position_ids restarting at 0 per example, and a 4D boolean attention mask [n, 1, L, L] that lets a token
+    see only earlier tokens of its own example."""
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for j, (example_ids, example_labels) in enumerate(row):
+            end = start + len(example_ids)
+            ids[i, start:end] = torch.tensor(example_ids)
+            labels[i, start + 1:end] = torch.tensor(example_labels[1:], dtype=torch.long)
+            positions[i, start:end] = torch.arange(end - start)
+            segment[i, start:end] = j
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(2) >= 0)
+    mask = (same & causal).unsqueeze(1)
+    mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves, so no row is empty
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+
 def response_nll(model, batch: dict[str, torch.Tensor], num_tokens: float) -> torch.Tensor:
     """Sum of -log p(label) over labelled positions, divided by num_tokens (the whole batch's count)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch.get("position_ids")).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                ignore_index=IGNORE, reduction="sum")
@@ -93,10 +131,13 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
         features = [sft_features(e["prompt"], str(e[cfg.sft.response_column]), tokenizer, cfg.sft.max_length)
                     for e in batch]
         num_tokens = sum(sum(1 for label in labels[1:] if label != IGNORE) for _, labels in features)
+        rows = pack(features, cfg.sft.max_length) if cfg.sft.packing else [[f] for f in features]
         total = 0.0
-        for i in range(0, len(features), cfg.train.micro_batch_size):
-            micro = {k: v.to(accelerator.device) for k, v in
-                     collate(features[i:i + cfg.train.micro_batch_size], tokenizer.pad_token_id).items()}
+        for i in range(0, len(rows), cfg.train.micro_batch_size):
+            chunk = rows[i:i + cfg.train.micro_batch_size]
+            micro = collate_packed(chunk, tokenizer.pad_token_id) if cfg.sft.packing else \
+                collate([row[0] for row in chunk], tokenizer.pad_token_id)
+            micro = {k: v.to(accelerator.device) for k, v in micro.items()}
             with accelerator.autocast():
                 loss = response_nll(model, micro, num_tokens)
             accelerator.backward(loss)

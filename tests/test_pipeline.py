@@ -52,14 +52,16 @@ def test_select_samples_best_and_nothing_passing():
     assert select_samples(["", " ", "c"], [1.0, 1.0, 1.0], "all_passing", 1.0, 3) == [2]
 
 
-def test_sft_learns_the_responses(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_learns_the_responses(tiny_model_dir, tmp_path, packing):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": a, "response": r}) + "\n" for q, a, r in
                             [("1+1", "2", "2"), ("2+2", "4", "4"), ("3+3", "6", "6"), ("4+4", "8", "8")]))
     assert main(["sft", str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={tiny_model_dir}",
                  f"data.path={data}", "eval.path=null", "sft.batch_size=4", "train.micro_batch_size=2",
                  "train.max_steps=12", "optim.lr=1e-2", f"train.output_dir={tmp_path / 'run'}",
-                 "logging.wandb=disabled", "train.mixed_precision=fp32", "train.save_every=6"]) == 0
+                 "logging.wandb=disabled", "train.mixed_precision=fp32", "train.save_every=6",
+                 f"sft.packing={str(packing).lower()}", "sft.max_length=64"]) == 0
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert records[0]["sft/response_tokens"] == 8  # one digit + EOS per example
     assert records[-1]["sft/loss"] < 0.5 * records[0]["sft/loss"]
@@ -158,3 +160,25 @@ def test_shipped_pipelines_validate(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     stages = load_pipeline(path, distill="distill" in path.name)
     assert stages and all(s.config.train.output_dir.startswith("runs/") for s in stages)
+
+
+def test_packed_examples_give_the_unpacked_loss_and_gradient():
+    from grpo.sft import collate_packed, pack
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), seed=4)
+    features = [sft_features(p, r, tok, 64) for p, r in [("What is 2+2?", "4"), ("Hi", "hello there"),
+                                                          ("x", "yz"), ("a longer prompt here", "ok")]]
+    rows = pack(features, 40)
+    assert [len(r) for r in rows] == [3, 1]  # 14 + 14 + 4 tokens fit in 40; the 23-token example starts a row
+    num = sum(sum(1 for label in labels[1:] if label != IGNORE) for _, labels in features)
+    grads = []
+    for batch in [collate(features, tok.pad_token_id), collate_packed(rows, tok.pad_token_id)]:
+        model.zero_grad()
+        loss = response_nll(model, batch, num)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (padded, g_padded), (packed, g_packed) = grads
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    for a, b in zip(g_padded, g_packed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
