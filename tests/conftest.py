@@ -53,6 +53,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def length_rule(tmp_path_factory) -> Path:
+    """A user reward file whose `length_reward` differs between samples, so a random model's groups have signal."""
+    path = tmp_path_factory.mktemp("rules") / "rules.py"
+    path.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
+    return path
+
+
 @pytest.fixture
 def tokenizer():
     tok = make_tokenizer()

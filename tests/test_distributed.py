@@ -32,10 +32,8 @@ def torchrun(args, extra=()):
 
 
 @pytest.fixture(scope="module")
-def rules(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rules") / "rules.py"
-    path.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
-    return path
+def rules(length_rule):
+    return length_rule
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])

@@ -61,15 +61,18 @@ def test_probe_sees_every_moe_layer(tiny_v3):
     assert 1.0 <= m["moe/load_imbalance"] <= 8.0 and 0 < m["moe/router_entropy"] <= math.log(8) + 1e-6
 
 
-def test_deepseek_v3_trains_with_grpo(tiny_v3, tmp_path):
-    folder, model, _ = tiny_v3
-    rules = tmp_path / "rules.py"
-    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
+def train_tiny_v3(folder, length_rule, tmp_path, *overrides) -> list[dict]:
+    """Two GRPO steps of configs/deepseek_v3_tiny.yaml on the tiny model; returns metrics.jsonl's records."""
     assert main(["train", str(ROOT / "configs/deepseek_v3_tiny.yaml"), f"model.name_or_path={folder}",
                  f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
-                 f"rewards=[{{fn: '{rules}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
-                 "scoring.workers=0", f"train.output_dir={tmp_path / 'run'}"]) == 0
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+                 f"rewards=[{{fn: '{length_rule}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
+                 "scoring.workers=0", f"train.output_dir={tmp_path / 'run'}", *overrides]) == 0
+    return [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+
+
+def test_deepseek_v3_trains_with_grpo(tiny_v3, length_rule, tmp_path):
+    folder = tiny_v3[0]
+    records = train_tiny_v3(folder, length_rule, tmp_path)
     assert all("moe/load_imbalance" in r and r["moe/load_imbalance"] >= 1.0 for r in records)
     from safetensors.torch import load_file
 
@@ -87,15 +90,8 @@ def test_routing_drift_by_hand():
     assert routing_drift(decoded, trained, torch.tensor([[1, 0, 0]])) == 0.0
 
 
-def test_routing_drift_is_logged_and_small_in_fp32(tiny_v3, tmp_path):
-    folder, _, _ = tiny_v3
-    rules = tmp_path / "rules.py"
-    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
-    assert main(["train", str(ROOT / "configs/deepseek_v3_tiny.yaml"), f"model.name_or_path={folder}",
-                 f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
-                 f"rewards=[{{fn: '{rules}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
-                 "scoring.workers=0", "train.mixed_precision=fp32", f"train.output_dir={tmp_path / 'run'}"]) == 0
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+def test_routing_drift_is_logged_and_small_in_fp32(tiny_v3, length_rule, tmp_path):
+    records = train_tiny_v3(tiny_v3[0], length_rule, tmp_path, "train.mixed_precision=fp32")
     drift = [r["moe/routing_drift"] for r in records]
     assert all(0.0 <= d < 0.05 for d in drift), drift  # decode (KV cache) and full pass agree but for ties
 
@@ -133,14 +129,8 @@ def test_selection_bias_update_by_hand_and_toward_uniform_load(tiny_v3):
         router.e_score_correction_bias.copy_(saved)
 
 
-def test_bias_balancing_runs_in_training(tiny_v3, tmp_path):
-    folder, _, _ = tiny_v3
-    rules = tmp_path / "rules.py"
-    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
-    assert main(["train", str(ROOT / "configs/deepseek_v3_tiny.yaml"), f"model.name_or_path={folder}",
-                 f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
-                 f"rewards=[{{fn: '{rules}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
-                 "scoring.workers=0", "moe.bias_update_speed=0.001", f"train.output_dir={tmp_path / 'run'}"]) == 0
+def test_bias_balancing_runs_in_training(tiny_v3, length_rule, tmp_path):
+    train_tiny_v3(tiny_v3[0], length_rule, tmp_path, "moe.bias_update_speed=0.001")
     from safetensors.torch import load_file
 
     after = load_file(tmp_path / "run/final/model.safetensors")
@@ -179,12 +169,6 @@ def test_routing_replay_trains_through_the_recorded_experts(tiny_v3):
     assert all("forward" not in vars(m) for m in probe.routers.values())  # routers restored
 
 
-def test_routing_replay_runs_in_training(tiny_v3, tmp_path):
-    folder, _, _ = tiny_v3
-    rules = tmp_path / "rules.py"
-    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
-    assert main(["train", str(ROOT / "configs/deepseek_v3_tiny.yaml"), f"model.name_or_path={folder}",
-                 f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
-                 f"rewards=[{{fn: '{rules}:length_reward'}}]", "train.max_steps=2", "logging.wandb=disabled",
-                 "scoring.workers=0", "moe.routing_replay=true", f"train.output_dir={tmp_path / 'run'}"]) == 0
+def test_routing_replay_runs_in_training(tiny_v3, length_rule, tmp_path):
+    train_tiny_v3(tiny_v3[0], length_rule, tmp_path, "moe.routing_replay=true")
     assert (tmp_path / "run/final/model.safetensors").is_file()

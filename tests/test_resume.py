@@ -21,9 +21,8 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def base_args(tiny_model_dir, tmp_path_factory):
-    rules = tmp_path_factory.mktemp("rules") / "rules.py"
-    rules.write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
+def base_args(tiny_model_dir, length_rule):
+    rules = length_rule
     return [
         str(ROOT / "configs/quickstart.yaml"),
         f"model.name_or_path={tiny_model_dir}", f"data.path={ROOT / 'data/arithmetic/train.jsonl'}",

@@ -10,17 +10,9 @@ from grpo.cli import main
 
 from conftest import ROOT
 
-RULES = '''
-def length_reward(completion, example):
-    """Varies from sample to sample, so every group has signal even for a random model."""
-    return len(completion) / 10
-'''
-
-
 @pytest.fixture
-def run_args(tiny_model_dir, tmp_path):
-    rules = tmp_path / "rules.py"
-    rules.write_text(RULES)
+def run_args(tiny_model_dir, length_rule, tmp_path):
+    rules = length_rule
     return tmp_path, [
         f"model.name_or_path={tiny_model_dir}",
         f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=64",

@@ -15,17 +15,13 @@ from grpo.scoring import Scorer
 
 from conftest import ROOT, make_model, make_tokenizer
 
-RULES = "def length_reward(completion, example):\n    return len(completion) / 10\n"
-
-
 @pytest.fixture(scope="module")
-def offline_run(tiny_model_dir, tmp_path_factory):
+def offline_run(tiny_model_dir, length_rule, tmp_path_factory):
     out = tmp_path_factory.mktemp("watched")
-    (out / "rules.py").write_text(RULES)
     assert main(["train", str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={tiny_model_dir}",
                  f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32",
                  f"eval.path={ROOT / 'data/arithmetic/test.jsonl'}", "eval.num_prompts=4", "eval.every=2",
-                 "eval.pass_k=2", f"rewards=[{{fn: accuracy}}, {{fn: '{out / 'rules.py'}:length_reward'}}]",
+                 "eval.pass_k=2", f"rewards=[{{fn: accuracy}}, {{fn: '{length_rule}:length_reward'}}]",
                  "rollout.num_generations=4", "rollout.max_completion_length=6", "train.prompts_per_step=2",
                  "train.micro_batch_size=8", "train.max_steps=3", f"train.output_dir={out / 'run'}",
                  "logging.wandb=offline", "logging.run_name=watched", "train.mixed_precision=fp32",
