@@ -197,6 +197,12 @@ class TrainConfig:
     """A NaN/inf loss or gradient skips its update; this many in a row stop the run with a dump of the rollouts."""
     cpu: bool = False
     """Stay on the CPU even when a GPU is present."""
+    onednn_linear: bool = True
+    """CPU only: passes without gradient (generation, reference and pi_old log-probs, evaluation) run linear
+    layers through oneDNN with weights packed once per step (equal to rounding; about 2x faster decoding)."""
+    reuse_host_memory: bool = True
+    """CPU only: glibc malloc keeps freed large blocks for reuse instead of returning them to the kernel, so
+    each micro-batch's tensors do not page-fault in again (`grpo.allocator`; process-wide)."""
 
 
 @dataclass(frozen=True)

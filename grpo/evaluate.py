@@ -10,26 +10,28 @@ from grpo.rollout import generate
 
 
 def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_cfg,
-             autocast=contextlib.nullcontext) -> dict[str, float]:
+             autocast=contextlib.nullcontext, onednn_linear: bool = False) -> dict[str, float]:
     """Greedy completions for `examples`, scored by the configured rules.
 
     Returns eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions, None scores left
     out), eval/reward (mean weighted total), eval/completion_length, and with eval_cfg.pass_k = k > 0,
     eval/pass@k: the fraction of prompts for which at least one of k sampled completions (rollout
-    temperature) scores > 0 on that rule.
+    temperature) scores > 0 on that rule. onednn_linear as in `generate`.
     """
     totals, key_rule, lengths, passed = [], [], [], []
     k = eval_cfg.pass_k
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch = examples[start:start + eval_cfg.batch_size]
         prompts = [e["prompt"] for e in batch]
-        rollouts = generate(model, tokenizer, prompts, 1, rollout_cfg, greedy=True, autocast=autocast)
+        rollouts = generate(model, tokenizer, prompts, 1, rollout_cfg, greedy=True, autocast=autocast,
+                            onednn_linear=onednn_linear)
         scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist())
         totals.append(scores.total)
         key_rule += scores.per_rule[eval_cfg.reward]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())
         if k > 0:
-            sampled = generate(model, tokenizer, prompts, k, rollout_cfg, autocast=autocast)
+            sampled = generate(model, tokenizer, prompts, k, rollout_cfg, autocast=autocast,
+                               onednn_linear=onednn_linear)
             values = scorer(sampled.texts, [e for e in batch for _ in range(k)]).per_rule[eval_cfg.reward]
             passed += [any((v or 0) > 0 for v in values[i * k:(i + 1) * k]) for i in range(len(batch))]
     scored = [v for v in key_rule if v is not None]
@@ -59,6 +61,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | None) -> dict[str, float]:
     model = load_model(model_cfg, accelerator.device, trainable=False)
     scorer = Scorer(cfg.rewards, cfg.scoring)
     try:
-        return evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast)
+        return evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast,
+                        onednn_linear=cfg.train.onednn_linear)
     finally:
         scorer.close()

@@ -60,7 +60,7 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
             for start in range(0, len(examples), g.prompts_per_batch):
                 batch = examples[start:start + g.prompts_per_batch]
                 rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], g.num_samples, cfg.rollout,
-                                    autocast=accelerator.autocast)
+                                    autocast=accelerator.autocast, onednn_linear=cfg.train.onednn_linear)
                 group = [e for e in batch for _ in range(g.num_samples)]
                 scores = scorer(rollouts.texts, group, rollouts.completion_mask.sum(dim=1).tolist())
                 for p, example in enumerate(batch):

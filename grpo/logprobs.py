@@ -9,6 +9,16 @@ import inspect
 
 import torch
 
+from grpo.head import head_logprobs
+
+# Causal LMs whose logits are exactly lm_head(last hidden state), with no bias, scaling or soft-capping:
+# for these the log-probs come from the hidden states through the fused head (grpo.head). Other models
+# take the plain path (full logits, then log-softmax), which gives the same numbers more slowly.
+PLAIN_HEAD_MODELS = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM", "DeepseekV3ForCausalLM",
+})
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` uses: [0, 0, 1, 2] for mask [0, 1, 1, 1]."""
@@ -36,13 +46,37 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return torch.stack(rows)
 
 
+def split_head(model):
+    """(decoder, output embedding weight) when `model`'s logits are lm_head(decoder(...)) and the fused head
+    applies; None otherwise."""
+    if type(model).__name__ not in PLAIN_HEAD_MODELS:
+        return None
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        return None
+    return model.get_decoder(), head.weight
+
+
+def _cache_arg(module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
                         temperature: float = 1.0, entropy: list | None = None) -> torch.Tensor:
     """Log-probs [N, T] of the last T = completion_length tokens of input_ids [N, P + T].
 
     Left-padded prompts get positions from the attention mask, so a padded row scores as it would alone.
-    Only the logits that predict completion tokens are computed (logits_to_keep = T + 1).
+    Only the logits that predict completion tokens are computed (logits_to_keep = T + 1); with the fused
+    head, only those of tokens inside the attention mask (others are 0).
     """
+    split = split_head(model)
+    if split is not None:
+        decoder, weight = split
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        T = completion_length
+        return head_logprobs(hidden[:, -T - 1:-1], weight, input_ids[:, -T:], attention_mask[:, -T:], temperature,
+                             entropy)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 logits_to_keep=completion_length + 1, use_cache=False)
     logits = out.logits[:, :-1]  # [N, T, V]: position t predicts completion token t
@@ -58,9 +92,14 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     prompt_index: [n] which prompt each completion continues. The prompt pass fills a KV cache that is
     indexed out to the n completions, and the completions attend to it; gradients flow back through the
     cache into the prompt pass. Equal to `completion_logprobs` on the concatenated rows, with U * P instead
-    of n * P prompt tokens in the forward and backward passes.
+    of n * P prompt tokens in the forward and backward passes. With the fused head (`split_head`), positions
+    outside completion_mask are 0.
     """
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    split = split_head(model)
+    if split is not None:
+        return _shared_prefix_head_logprobs(*split, model.get_input_embeddings(), prompt_ids, prompt_mask,
+                                            completion_ids, completion_mask, prompt_index, temperature, entropy)
+    cache_arg = _cache_arg(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                 use_cache=True, logits_to_keep=1)
     first_logits = out.logits[:, -1][prompt_index].unsqueeze(1)  # [n, 1, V]: predicts completion token 0
@@ -76,6 +115,27 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
                  position_ids=positions, use_cache=True, **{cache_arg: cache})
     logits = torch.cat([first_logits, rest.logits], dim=1)  # [n, T, V]
     return token_logprobs(logits, completion_ids, temperature, entropy)
+
+
+def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                 prompt_index, temperature, entropy):
+    """`shared_prefix_logprobs` through the decoder and the fused head. The prompt and completion tokens are
+    embedded in one call, so the embedding's gradient (a dense [V, H] tensor) is built once, not twice."""
+    n, T = completion_ids.shape
+    U, P = prompt_ids.shape
+    embeds = embed(torch.cat([prompt_ids.reshape(-1), completion_ids[:, :-1].reshape(-1)]))
+    out = decoder(inputs_embeds=embeds[:U * P].view(U, P, -1), attention_mask=prompt_mask,
+                  position_ids=position_ids_from_mask(prompt_mask), use_cache=True)
+    hidden = out.last_hidden_state[:, -1][prompt_index].unsqueeze(1)  # [n, 1, H]: predicts completion token 0
+    if T > 1:
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_select_indices(prompt_index)
+        positions = prompt_mask.sum(dim=1)[prompt_index].unsqueeze(1) + torch.arange(T - 1, device=prompt_ids.device)
+        rest = decoder(inputs_embeds=embeds[U * P:].view(n, T - 1, -1),
+                       attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1),
+                       position_ids=positions, use_cache=True, **{_cache_arg(decoder): cache})
+        hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)  # [n, T, H]
+    return head_logprobs(hidden, weight, completion_ids, completion_mask, temperature, entropy)
 
 
 class LogprobModel(torch.nn.Module):

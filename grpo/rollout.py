@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from grpo.logprobs import position_ids_from_mask
+from grpo.onednn import packed_linears
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -158,13 +159,14 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *, greedy: bool = False,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             seeds: list[int] | None = None) -> Rollouts:
+             seeds: list[int] | None = None, onednn_linear: bool = False) -> Rollouts:
     """Sample `num_generations` completions for each prompt under `cfg` (a RolloutConfig).
 
     greedy=True decodes deterministically (for evaluation). `autocast` makes the mixed-precision context
     to generate in (e.g. `accelerator.autocast`). `seeds`, one per completion, give each completion its own
     random stream, so what it samples does not depend on the batch it shares (nor on how many processes
-    split the batch); without them torch's global RNG is used.
+    split the batch); without them torch's global RNG is used. onednn_linear: on a CPU, linear layers run
+    through oneDNN with weights packed once for the call (`grpo.onednn`).
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -174,7 +176,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
-    with autocast():
+    with autocast(), packed_linears(model, onednn_linear):
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                     position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values

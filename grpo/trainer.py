@@ -33,6 +33,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from grpo.allocator import keep_freed_memory
 from grpo.advantages import (group_advantages, informative_groups, overlong_penalty, sequence_kl,
                              zero_std_fraction)
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
@@ -43,6 +44,7 @@ from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_model, load_tokenizer
 from grpo.moe import RouterProbe, decode_routes, replay_routes, routing_drift, update_selection_bias
+from grpo.onednn import packed_linears
 from grpo.optim import make_accelerator, make_optimizer, make_scheduler
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
@@ -83,6 +85,8 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, float]:
     (out / "config.yaml").write_text(to_yaml(cfg))
     set_seed(cfg.train.seed)
     accelerator = make_accelerator(cfg.train)
+    if accelerator.device.type == "cpu" and cfg.train.reuse_host_memory:
+        keep_freed_memory()
     tokenizer = load_tokenizer(cfg.model)
     train_examples, dropped = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer)
     eval_examples = []
@@ -163,7 +167,7 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         with timer("reference"):
             needs_old = cfg.algorithm.num_iterations > 1 or cfg.algorithm.kl_penalty == "reward"
             old_logprobs = _logprobs(policy, rollouts, cfg, accelerator) if needs_old else None
-            ref_logprobs = _logprobs(reference, rollouts, cfg, accelerator) if reference is not None else None
+            ref_logprobs = _logprobs(reference, rollouts, cfg, accelerator, frozen=True) if reference is not None else None
         if cfg.algorithm.kl_penalty == "reward":
             seq_kl = sequence_kl(old_logprobs, ref_logprobs, loss_mask, cfg.algorithm.kl_estimator)
             rewards = rewards - cfg.algorithm.beta * seq_kl.cpu()
@@ -253,7 +257,7 @@ def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer,
         probe = RouterProbe(model)  # mixture-of-experts: the experts chosen while decoding
         with timer("rollout"), probe.recording():
             rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], G, cfg.rollout,
-                                autocast=accelerator.autocast, seeds=seeds)
+                                autocast=accelerator.autocast, seeds=seeds, onednn_linear=cfg.train.onednn_linear)
         with timer("rewards"):
             scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)],
                             rollouts.completion_mask.sum(dim=1).tolist())
@@ -345,10 +349,12 @@ def _shape_rewards(rewards: torch.Tensor, rollouts: Rollouts, cfg: Config) -> tu
     return rewards, loss_mask
 
 
-def _logprobs(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator) -> torch.Tensor:
-    """Log-probs [N, T] of the rollouts under `model`, without gradients, micro-batch by micro-batch."""
+def _logprobs(model, rollouts: Rollouts, cfg: Config, accelerator: Accelerator, frozen: bool = False) -> torch.Tensor:
+    """Log-probs [N, T] of the rollouts under `model`, without gradients, micro-batch by micro-batch.
+    frozen: the weights rarely change (the reference), so oneDNN's packed copies are kept between steps."""
     mb = cfg.train.micro_batch_size
-    with torch.no_grad(), accelerator.autocast():
+    packed = packed_linears(_causal_lm(model), cfg.train.onednn_linear, keep=frozen)
+    with torch.no_grad(), accelerator.autocast(), packed:
         return torch.cat([_micro_batch_logprobs(model, rollouts, slice(start, start + mb), cfg)
                           for start in range(0, rollouts.completion_ids.shape[0], mb)])
 
@@ -472,6 +478,7 @@ class StopRequest:
 
 
 def _evaluate(model, tokenizer, examples, scorer, cfg: Config, accelerator: Accelerator, tracker, step: int) -> float:
-    metrics = evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast)
+    metrics = evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast,
+                       onednn_linear=cfg.train.onednn_linear)
     tracker.log(metrics, step)
     return metrics["eval/accuracy"]

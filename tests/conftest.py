@@ -40,6 +40,23 @@ def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def mixed_rollouts():
+    """(tiny Llama, 16 sampled rollouts of 4 prompts x 4): two generation rounds with different prompt widths,
+    concatenated as dynamic sampling does, completions of different lengths (at most 7 tokens)."""
+    from grpo.config import RolloutConfig
+    from grpo.rollout import concat_rollouts, generate
+
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    model = make_model(len(tok), seed=1)
+    torch.manual_seed(0)
+    cfg = RolloutConfig(max_completion_length=7, temperature=0.8)
+    first = generate(model, tok, ["What is 1 + 2?", "Hi"], 4, cfg)
+    second = generate(model, tok, ["A much longer prompt than the others", "x"], 4, cfg)
+    return model, concat_rollouts([first, second], tok.pad_token_id)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny model + tokenizer folder, loadable like any Hugging Face model folder."""

@@ -8,7 +8,6 @@ import torch
 from grpo.advantages import group_advantages, informative_groups, overlong_penalty, sequence_kl
 from grpo.config import Config, RolloutConfig, TrainConfig, AlgorithmConfig
 from grpo.logprobs import rollout_logprobs, token_logprobs
-from grpo.rollout import concat_rollouts, generate
 from grpo.trainer import accumulate_gradients
 
 from conftest import make_model, make_tokenizer
@@ -40,21 +39,8 @@ def test_entropy_of_known_distributions():
     torch.testing.assert_close(entropy[0], torch.tensor([[math.log(4), 0.0]]))
 
 
-@pytest.fixture(scope="module")
-def rollouts():
-    tok = make_tokenizer()
-    tok.padding_side = "left"
-    model = make_model(len(tok), seed=1)
-    torch.manual_seed(0)
-    cfg = RolloutConfig(max_completion_length=7, temperature=0.8)
-    # two rounds with different prompt widths, as dynamic sampling concatenates them
-    first = generate(model, tok, ["What is 1 + 2?", "Hi"], 4, cfg)
-    second = generate(model, tok, ["A much longer prompt than the others", "x"], 4, cfg)
-    return model, concat_rollouts([first, second], tok.pad_token_id)
-
-
-def test_shared_prompt_equals_unshared_logprobs_and_gradients(rollouts):
-    model, r = rollouts
+def test_shared_prompt_equals_unshared_logprobs_and_gradients(mixed_rollouts):
+    model, r = mixed_rollouts
     results = []
     for share in (True, False):
         model.zero_grad()
@@ -68,8 +54,8 @@ def test_shared_prompt_equals_unshared_logprobs_and_gradients(rollouts):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
-def test_micro_batched_gradients_equal_one_big_batch(rollouts, loss_type):
-    model, r = rollouts
+def test_micro_batched_gradients_equal_one_big_batch(mixed_rollouts, loss_type):
+    model, r = mixed_rollouts
     torch.manual_seed(1)
     advantages = group_advantages(torch.rand(16), 4)
     ref = torch.randn(r.completion_ids.shape) * 0.1 - 3

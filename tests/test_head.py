@@ -1,0 +1,108 @@
+"""The fused head (grpo.head): hand-computed values, and equality with the plain logits -> log-softmax path."""
+
+import math
+
+import pytest
+import torch
+
+import grpo.logprobs
+from grpo.head import HeadLogprobs, head_logprobs
+from grpo.logprobs import rollout_logprobs
+
+
+def test_two_token_vocabulary_by_hand():
+    # h = [1], W = [[0], [ln 3]]: logits [0, ln 3], p = [1/4, 3/4]
+    hidden = torch.tensor([[1.0]], requires_grad=True)
+    weight = torch.tensor([[0.0], [math.log(3)]], requires_grad=True)
+    logp, entropy = HeadLogprobs.apply(hidden, weight, torch.tensor([1]), 1.0)
+    assert logp.item() == pytest.approx(math.log(3 / 4))
+    assert entropy.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    logp.sum().backward()
+    # dlogp/dz = onehot(1) - p = [-1/4, 1/4]; dh = sum_v dz_v W_v; dW = dz^T h
+    assert hidden.grad.item() == pytest.approx(0.25 * math.log(3))
+    torch.testing.assert_close(weight.grad, torch.tensor([[-0.25], [0.25]]))
+
+
+def test_temperature_divides_the_logits_by_hand():
+    # logits [0, ln 3] / 0.5 = [0, ln 9]: p = [1/10, 9/10]; dlogp/dh = (onehot - p) W / tau
+    hidden = torch.tensor([[1.0]], requires_grad=True)
+    weight = torch.tensor([[0.0], [math.log(3)]])
+    logp, _ = HeadLogprobs.apply(hidden, weight, torch.tensor([0]), 0.5)
+    assert logp.item() == pytest.approx(math.log(0.1))
+    logp.sum().backward()
+    assert hidden.grad.item() == pytest.approx(-0.9 * math.log(3) / 0.5)
+
+
+def plain(hidden, weight, targets, temperature):
+    logits = (hidden @ weight.t()).float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_equals_log_softmax_with_gradients(temperature):
+    torch.manual_seed(0)
+    M, H, V = 150, 16, 300  # more rows than one chunk
+    hidden, weight = torch.randn(M, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    targets, upstream = torch.randint(V, (M,)), torch.randn(M)
+    results = []
+    for fn in (lambda *a: HeadLogprobs.apply(*a), plain):
+        hidden.grad = weight.grad = None
+        logp, entropy = fn(hidden, weight, targets, temperature)
+        (logp * upstream).sum().backward()
+        results.append((logp.detach(), entropy.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_matches_the_plain_head_under_autocast():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 16, requires_grad=True), torch.randn(100, 16, requires_grad=True)
+    targets = torch.randint(100, (40,))
+    results = []
+    for fn in (lambda *a: HeadLogprobs.apply(*a), plain):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, _ = fn(hidden, weight, targets, 1.0)
+        logp.sum().backward()
+        results.append((logp.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_masked_positions_are_zero_and_backward_runs_once():
+    hidden, weight = torch.randn(2, 3, 4, requires_grad=True), torch.randn(5, 4)
+    entropy = []
+    out = head_logprobs(hidden, weight, torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 1, 0], [1, 0, 0]]),
+                        entropy=entropy)
+    assert out[0, 2] == 0 and out[1, 1:].eq(0).all() and entropy[0][1, 1:].eq(0).all()
+    assert out[0, :2].lt(0).all()
+    out.sum().backward(retain_graph=True)
+    assert hidden.grad[1, 1:].eq(0).all()
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_model_log_probs_and_gradients_equal_the_full_logits_path(mixed_rollouts, monkeypatch, share_prompt):
+    model, r = mixed_rollouts
+    assert r.completion_mask.sum(dim=1).unique().numel() > 1  # completions of different lengths
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(grpo.logprobs, "PLAIN_HEAD_MODELS", frozenset())
+        assert (grpo.logprobs.split_head(model) is not None) == fused
+        model.zero_grad()
+        entropy = []
+        lp = torch.cat([rollout_logprobs(model, r, slice(s, s + 6), 4, 0.8, share_prompt, entropy)
+                        for s in range(0, 16, 6)])
+        (lp * r.completion_mask).sum().backward()
+        ent = torch.cat(entropy)
+        results.append((lp.detach() * r.completion_mask, ent * r.completion_mask,
+                        [p.grad.clone() for p in model.parameters()]))
+    (lp_f, ent_f, g_f), (lp_p, ent_p, g_p) = results
+    torch.testing.assert_close(lp_f, lp_p, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_f, ent_p, atol=1e-5, rtol=0)
+    for a, b in zip(g_f, g_p):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
