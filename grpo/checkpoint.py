@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 LATEST = "latest"
 
 
-def save_model(folder: Path, model, tokenizer) -> None:
-    """Model (safetensors) and tokenizer, loadable with AutoModelForCausalLM/AutoTokenizer.from_pretrained."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_model(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """Model (safetensors) and tokenizer, loadable with AutoModelForCausalLM/AutoTokenizer.from_pretrained.
+    `state_dict`: the full weights, when `model` holds only a shard of them (FSDP)."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 
@@ -45,17 +46,21 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
-                    config_yaml: str, reference=None, keep_last_n: int = 0, extra: dict | None = None) -> Path:
-    """Write output_dir/checkpoint-<step> atomically, then point `latest` at it, then prune old ones."""
+                    config_yaml: str, reference=None, keep_last_n: int = 0, extra: dict | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write output_dir/checkpoint-<step> atomically, then point `latest` at it, then prune old ones.
+    model_state / optimizer_state: full states gathered from sharded processes, used instead of
+    model.state_dict() / optimizer.state_dict()."""
     output_dir = Path(output_dir)
     folder = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp, model, tokenizer)
+    save_model(tmp, model, tokenizer, model_state)
     if reference is not None:
         save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp / "reference.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "data": data_state, "rng": rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     _fsync_tree(tmp)
@@ -80,20 +85,25 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, reference=None) -> dict:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, reference=None, load_model=None,
+                    load_optimizer=None) -> dict:
     """Restore model, optimizer, scheduler, reference and RNG states in place; returns the trainer state
-    (step, data position, extra)."""
+    (step, data position, extra). load_model(weights) / load_optimizer(state) replace model.load_state_dict /
+    optimizer.load_state_dict (sharded models take full states through them)."""
     folder = Path(folder)
-    weights = load_file(folder / "model.safetensors", device=str(next(model.parameters()).device))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    device = "cpu" if load_model else str(next(model.parameters()).device)
+    weights = load_file(folder / "model.safetensors", device=device)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(weights), sorted(set(weights) - expected)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    if unexpected or set(missing) - tied:
+    if unexpected or missing - tied:
         raise ValueError(f"{folder}/model.safetensors does not fit the configured model: missing "
-                         f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+                         f"{sorted(missing - tied)[:5]}, unexpected {unexpected[:5]}")
+    (load_model or (lambda w: model.load_state_dict(w, strict=False)))(weights)
     if reference is not None and (folder / "reference.safetensors").is_file():
         reference.load_state_dict(load_file(folder / "reference.safetensors"))
     state = torch.load(folder / "trainer_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -49,6 +50,8 @@ from grpo.optim import make_accelerator, make_optimizer, make_scheduler
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
 from grpo.scoring import Scorer, Scores
+from grpo.sharding import (check_supported, full_parameters, is_sharded, load_model_state, load_optimizer_state,
+                           model_state, optimizer_state, settle_root, shard_reference)
 from grpo.tracking import NullTracker, Tracker, truncate_metrics
 
 
@@ -112,18 +115,31 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                          f"use a multiple of {W} prompts per step")
     if W > 1 and cfg.algorithm.dynamic_sampling:
         raise ValueError("algorithm.dynamic_sampling runs on one process only for now; launch one process")
+    sharded = is_sharded(accelerator)
+    check_supported(accelerator, cfg)
+    if sharded:  # oneDNN packing needs whole weights; the reference pass sees only shards
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, onednn_linear=False))
     policy = load_model(cfg.model, accelerator.device)
     reference = copy.deepcopy(policy).requires_grad_(False) if cfg.algorithm.beta > 0 else None
     optimizer = make_optimizer(policy.parameters(), cfg.optim, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.algorithm.num_iterations)
     # one module call per micro-batch, so DDP sees one forward per backward
     policy_module, optimizer, scheduler = accelerator.prepare(LogprobModel(policy), optimizer, scheduler)
+    if sharded:
+        settle_root(policy_module, accelerator.device)
+        if reference is not None:
+            reference = shard_reference(LogprobModel(reference), accelerator)
     sampler = PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle)
     model = accelerator.unwrap_model(policy_module).model  # the causal LM: generation, checkpoints
+    gathered = lambda: full_parameters(policy_module, accelerator)  # noqa: E731  whole weights for generation
     resettable_reference = reference if cfg.algorithm.ref_reset_every else None
     start_step = 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference)
+        restore = {}
+        if sharded:
+            restore = {"load_model": lambda weights: load_model_state(policy_module, weights),
+                       "load_optimizer": lambda state: load_optimizer_state(policy_module, optimizer, state)}
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference, **restore)
         sampler.load_state_dict(state["data"])
         start_step = state["step"]
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
@@ -144,22 +160,28 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
 
     results: dict[str, float] = {}
     if eval_examples and start_step == 0:
-        results["eval/accuracy_before"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, 0)
+        with gathered():
+            results["eval/accuracy_before"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator,
+                                                        tracker, 0)
 
     def save(step: int) -> None:
+        weights = model_state(policy_module, accelerator) if sharded else None  # collective under FSDP
+        optim_state = optimizer_state(policy_module, optimizer, accelerator) if sharded else None
         if accelerator.is_main_process:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
+            if not all(torch.isfinite(p).all() for p in (weights.values() if sharded else model.parameters())):
                 raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written")
             save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, sampler.state_dict(), to_yaml(cfg),
-                            resettable_reference, cfg.train.keep_last_n)
+                            resettable_reference, cfg.train.keep_last_n, model_state=weights,
+                            optimizer_state=optim_state)
         accelerator.wait_for_everyone()
 
     nonfinite_in_a_row = 0
     stop = StopRequest()
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
-        rollouts, scores, sampling_metrics = _rollout_and_score(model, tokenizer, sampler, scorer, cfg, accelerator,
-                                                                timer, step)
+        with gathered():
+            rollouts, scores, sampling_metrics = _rollout_and_score(model, tokenizer, sampler, scorer, cfg,
+                                                                    accelerator, timer, step)
         if scores.total.numel() == 0:  # dynamic sampling found no group with differing rewards: nothing to learn
             tracker.log({**sampling_metrics, **timer.metrics(), "step_time": time.perf_counter() - started}, step)
             continue
@@ -216,19 +238,22 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save(step)
         if cfg.eval.every and eval_examples and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
-            _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, step)
+            with gathered():
+                _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, step)
         results.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
 
     stop.restore()
     if eval_examples:
-        results["eval/accuracy_after"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker,
-                                                   cfg.train.max_steps)
+        with gathered():
+            results["eval/accuracy_after"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator,
+                                                       tracker, cfg.train.max_steps)
         before = results.get("eval/accuracy_before")
         accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
                           + (f"before {before:.3f}, " if before is not None else "")
                           + f"after {results['eval/accuracy_after']:.3f}")
+    weights = model_state(policy_module, accelerator) if sharded else None  # collective under FSDP
     if accelerator.is_main_process:
-        save_model(out / "final", model, tokenizer)
+        save_model(out / "final", model, tokenizer, weights)
         print(f"final model saved to {out / 'final'}")
     accelerator.wait_for_everyone()
     tracker.finish()
@@ -384,7 +409,8 @@ def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advanta
                                        num_tokens=global_tokens / accelerator.num_processes)
     metrics.update(probe.metrics())
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), max_norm).item()
+    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+    metrics["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     metrics["skipped_update"] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])))
     if not metrics["skipped_update"]:  # a NaN or inf loss or gradient never reaches the weights
         optimizer.step()

@@ -1,5 +1,7 @@
-"""Two CPU processes (gloo) against one: the same global batch and seed give the same weights."""
+"""Two CPU processes (gloo) against one: the same global batch and seed give the same weights, with DDP
+(torchrun) and with FSDP2 (accelerate launch with configs/accelerate/fsdp.yaml, through tests/fsdp_on_cpu.py)."""
 
+import shutil
 import subprocess
 import sys
 
@@ -24,11 +26,27 @@ def args_for(tiny_model_dir, rules, out, loss_type, steps=3):
 
 
 def torchrun(args, extra=()):
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "grpo", "train", *args, *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                 "-m", "grpo", "train", *args, *extra])
+
+
+def accelerate_fsdp(args, extra=()):
+    return _run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                 str(ROOT / "configs/accelerate/fsdp.yaml"), "--main_process_port", "29518",
+                 str(ROOT / "tests/fsdp_on_cpu.py"), "train", *args, *extra])
+
+
+def _run(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def assert_same_final_weights(a_dir, b_dir):
+    a, b = load_file(a_dir / "final/model.safetensors"), load_file(b_dir / "final/model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +75,32 @@ def test_two_process_run_resumes_from_its_checkpoint(tiny_model_dir, rules, tmp_
     a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_fsdp_processes_match_one(tiny_model_dir, rules, tmp_path):
+    """Sharded policy and reference (beta > 0), generation on gathered weights, checkpoints gathered to rank 0."""
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
+    train(load_config(one[0], one[1:]))
+    printed = accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo"))
+    assert "x 2 processes" in printed
+    assert_same_final_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_fsdp_run_resumes_from_its_checkpoint_sharded_or_not(tiny_model_dir, rules, tmp_path):
+    """Checkpoints hold full weights and optimizer state: a 2-process FSDP run continues under FSDP, or on
+    one process."""
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
+    train(load_config(one[0], one[1:]))
+    accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=2))
+    shutil.copytree(tmp_path / "two", tmp_path / "three")
+    accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=3), ["--resume"])
+    assert_same_final_weights(tmp_path / "one", tmp_path / "two")
+    resumed = args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=3)
+    train(load_config(resumed[0], resumed[1:]), resume=True)
+    assert_same_final_weights(tmp_path / "one", tmp_path / "three")
+    # and the other way: a one-process checkpoint continues under FSDP
+    (tmp_path / "four").mkdir()
+    shutil.copytree(tmp_path / "one/checkpoint-2", tmp_path / "four/checkpoint-2")
+    (tmp_path / "four/latest").write_text("checkpoint-2\n")
+    accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "four", "grpo", steps=3), ["--resume"])
+    assert_same_final_weights(tmp_path / "one", tmp_path / "four")
