@@ -47,10 +47,12 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
                     config_yaml: str, reference=None, keep_last_n: int = 0, extra: dict | None = None,
-                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+                    model_state: dict | None = None, optimizer_state: dict | None = None,
+                    move_in: dict[str, Path] | None = None) -> Path:
     """Write output_dir/checkpoint-<step> atomically, then point `latest` at it, then prune old ones.
     model_state / optimizer_state: full states gathered from sharded processes, used instead of
-    model.state_dict() / optimizer.state_dict()."""
+    model.state_dict() / optimizer.state_dict(). move_in: {name: folder} moved into the checkpoint before
+    it is complete (an engine's own state files)."""
     output_dir = Path(output_dir)
     folder = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -63,6 +65,8 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, sc
     torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "data": data_state, "rng": rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
+    for name, source in (move_in or {}).items():
+        Path(source).rename(tmp / name)
     _fsync_tree(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -50,6 +51,7 @@ from grpo.optim import make_accelerator, make_optimizer, make_scheduler
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
 from grpo.scoring import Scorer, Scores
+from grpo import zero
 from grpo.sharding import (check_supported, full_parameters, is_sharded, load_model_state, load_optimizer_state,
                            model_state, optimizer_state, settle_root, shard_reference)
 from grpo.tracking import NullTracker, Tracker, truncate_metrics
@@ -115,8 +117,10 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                          f"use a multiple of {W} prompts per step")
     if W > 1 and cfg.algorithm.dynamic_sampling:
         raise ValueError("algorithm.dynamic_sampling runs on one process only for now; launch one process")
-    sharded = is_sharded(accelerator)
+    sharded, deepspeed = is_sharded(accelerator), zero.is_deepspeed(accelerator)
     check_supported(accelerator, cfg)
+    if deepspeed:
+        zero.configure(accelerator, cfg, micro_batches=B // W * G // cfg.train.micro_batch_size)
     if sharded:  # oneDNN packing needs whole weights; the reference pass sees only shards
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, onednn_linear=False))
     policy = load_model(cfg.model, accelerator.device)
@@ -139,6 +143,9 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         if sharded:
             restore = {"load_model": lambda weights: load_model_state(policy_module, weights),
                        "load_optimizer": lambda state: load_optimizer_state(policy_module, optimizer, state)}
+        elif deepspeed:
+            engine_state = checkpoint / zero.ENGINE_DIR
+            restore = {"load_optimizer": lambda _: zero.load_engine_state(policy_module, engine_state)}
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference, **restore)
         sampler.load_state_dict(state["data"])
         start_step = state["step"]
@@ -167,12 +174,21 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
     def save(step: int) -> None:
         weights = model_state(policy_module, accelerator) if sharded else None  # collective under FSDP
         optim_state = optimizer_state(policy_module, optimizer, accelerator) if sharded else None
+        move_in = None
+        if deepspeed:  # every process writes its optimizer partition, then the checkpoint takes the folder
+            staging = out / f"checkpoint-{step}.{zero.ENGINE_DIR}.tmp"
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            accelerator.wait_for_everyone()
+            zero.save_engine_state(policy_module, staging)
+            accelerator.wait_for_everyone()
+            optim_state, move_in = {}, {zero.ENGINE_DIR: staging}
         if accelerator.is_main_process:
             if not all(torch.isfinite(p).all() for p in (weights.values() if sharded else model.parameters())):
                 raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written")
             save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, sampler.state_dict(), to_yaml(cfg),
                             resettable_reference, cfg.train.keep_last_n, model_state=weights,
-                            optimizer_state=optim_state)
+                            optimizer_state=optim_state, move_in=move_in)
         accelerator.wait_for_everyone()
 
     nonfinite_in_a_row = 0
@@ -402,15 +418,18 @@ def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advanta
     if accelerator.num_processes > 1:
         global_tokens = accelerator.reduce(loss_mask.sum().float(), "sum").item()
     probe = RouterProbe(accelerator.unwrap_model(policy))  # mixture-of-experts routing; no routers, no metrics
+    if zero.is_deepspeed(accelerator):  # the engine steps inside the last micro-batch's backward
+        backward, no_sync = zero.backward(accelerator), lambda: zero.deferred_step(accelerator)
+    else:
+        backward, no_sync = accelerator.backward, lambda: accelerator.no_sync(policy)
     with probe.recording():
         metrics = accumulate_gradients(policy, rollouts, loss_mask, advantages, old_logprobs, ref_logprobs, cfg,
-                                       accelerator.autocast, accelerator.backward,
-                                       no_sync=lambda: accelerator.no_sync(policy),
+                                       accelerator.autocast, backward, no_sync=no_sync,
                                        num_tokens=global_tokens / accelerator.num_processes)
     metrics.update(probe.metrics())
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
-    metrics["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)  # DeepSpeed: the norm its step clipped
+    metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     metrics["skipped_update"] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])))
     if not metrics["skipped_update"]:  # a NaN or inf loss or gradient never reaches the weights
         optimizer.step()

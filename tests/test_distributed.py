@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) against one: the same global batch and seed give the same weights, with DDP
-(torchrun) and with FSDP2 (accelerate launch with configs/accelerate/fsdp.yaml, through tests/fsdp_on_cpu.py)."""
+(torchrun), FSDP2 and DeepSpeed ZeRO-2 (accelerate launch with configs/accelerate/fsdp.yaml or zero2.yaml,
+through tests/cpu_launch.py)."""
 
 import shutil
 import subprocess
@@ -30,10 +31,11 @@ def torchrun(args, extra=()):
                  "-m", "grpo", "train", *args, *extra])
 
 
-def accelerate_fsdp(args, extra=()):
+def accelerate(config, args, extra=()):
+    """`accelerate launch --config_file configs/accelerate/<config>.yaml` of grpo on two CPU processes."""
     return _run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-                 str(ROOT / "configs/accelerate/fsdp.yaml"), "--main_process_port", "29518",
-                 str(ROOT / "tests/fsdp_on_cpu.py"), "train", *args, *extra])
+                 str(ROOT / f"configs/accelerate/{config}.yaml"), "--main_process_port", "29518",
+                 str(ROOT / "tests/cpu_launch.py"), "train", *args, *extra])
 
 
 def _run(cmd):
@@ -81,7 +83,7 @@ def test_fsdp_processes_match_one(tiny_model_dir, rules, tmp_path):
     """Sharded policy and reference (beta > 0), generation on gathered weights, checkpoints gathered to rank 0."""
     one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
     train(load_config(one[0], one[1:]))
-    printed = accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo"))
+    printed = accelerate("fsdp", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo"))
     assert "x 2 processes" in printed
     assert_same_final_weights(tmp_path / "one", tmp_path / "two")
 
@@ -91,9 +93,9 @@ def test_fsdp_run_resumes_from_its_checkpoint_sharded_or_not(tiny_model_dir, rul
     one process."""
     one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
     train(load_config(one[0], one[1:]))
-    accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=2))
+    accelerate("fsdp", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=2))
     shutil.copytree(tmp_path / "two", tmp_path / "three")
-    accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=3), ["--resume"])
+    accelerate("fsdp", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo", steps=3), ["--resume"])
     assert_same_final_weights(tmp_path / "one", tmp_path / "two")
     resumed = args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=3)
     train(load_config(resumed[0], resumed[1:]), resume=True)
@@ -102,5 +104,20 @@ def test_fsdp_run_resumes_from_its_checkpoint_sharded_or_not(tiny_model_dir, rul
     (tmp_path / "four").mkdir()
     shutil.copytree(tmp_path / "one/checkpoint-2", tmp_path / "four/checkpoint-2")
     (tmp_path / "four/latest").write_text("checkpoint-2\n")
-    accelerate_fsdp(args_for(tiny_model_dir, rules, tmp_path / "four", "grpo", steps=3), ["--resume"])
+    accelerate("fsdp", args_for(tiny_model_dir, rules, tmp_path / "four", "grpo", steps=3), ["--resume"])
     assert_same_final_weights(tmp_path / "one", tmp_path / "four")
+
+
+def test_deepspeed_zero2_processes_match_one_and_resume(tiny_model_dir, rules, tmp_path):
+    """The engine steps once per step (the last micro-batch is the boundary, losses are not divided again);
+    its partitioned optimizer state is saved in checkpoint-<step>/deepspeed and restored by --resume."""
+    pytest.importorskip("deepspeed")  # an optional extra: pip install -e .[deepspeed]
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", "dapo")
+    train(load_config(one[0], one[1:]))
+    printed = accelerate("zero2", args_for(tiny_model_dir, rules, tmp_path / "two", "dapo"))
+    assert "x 2 processes" in printed
+    assert_same_final_weights(tmp_path / "one", tmp_path / "two")
+    assert (tmp_path / "two/checkpoint-3/deepspeed").is_dir()
+    accelerate("zero2", args_for(tiny_model_dir, rules, tmp_path / "three", "dapo", steps=2))
+    accelerate("zero2", args_for(tiny_model_dir, rules, tmp_path / "three", "dapo", steps=3), ["--resume"])
+    assert_same_final_weights(tmp_path / "one", tmp_path / "three")
