@@ -52,8 +52,8 @@ def split_head(model):
     if type(model).__name__ not in PLAIN_HEAD_MODELS:
         return None
     head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        return None
+    if head is None or getattr(head, "bias", None) is not None or hasattr(head.weight, "ds_id"):
+        return None  # ds_id: partitioned by DeepSpeed ZeRO-3, whole only inside the head's own forward
     return model.get_decoder(), head.weight
 
 

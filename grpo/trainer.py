@@ -117,14 +117,17 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                          f"use a multiple of {W} prompts per step")
     if W > 1 and cfg.algorithm.dynamic_sampling:
         raise ValueError("algorithm.dynamic_sampling runs on one process only for now; launch one process")
-    sharded, deepspeed = is_sharded(accelerator), zero.is_deepspeed(accelerator)
+    sharded, deepspeed, zero3 = is_sharded(accelerator), zero.is_deepspeed(accelerator), zero.stage(accelerator) == 3
     check_supported(accelerator, cfg)
     if deepspeed:
         zero.configure(accelerator, cfg, micro_batches=B // W * G // cfg.train.micro_batch_size)
-    if sharded:  # oneDNN packing needs whole weights; the reference pass sees only shards
+    if sharded or zero3:  # oneDNN packing needs whole weights; the reference pass sees only shards
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, onednn_linear=False))
     policy = load_model(cfg.model, accelerator.device)
-    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.algorithm.beta > 0 else None
+    reference = None
+    if cfg.algorithm.beta > 0:  # under ZeRO-3 the policy is partitioned as it loads: the reference loads anew
+        reference = (load_model(cfg.model, accelerator.device, trainable=False) if zero3 else
+                     copy.deepcopy(policy)).requires_grad_(False)
     optimizer = make_optimizer(policy.parameters(), cfg.optim, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.algorithm.num_iterations)
     # one module call per micro-batch, so DDP sees one forward per backward
@@ -133,9 +136,21 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         settle_root(policy_module, accelerator.device)
         if reference is not None:
             reference = shard_reference(LogprobModel(reference), accelerator)
+    if zero3 and reference is not None:
+        reference = zero.reference_engine(LogprobModel(reference), accelerator)
     sampler = PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle)
     model = accelerator.unwrap_model(policy_module).model  # the causal LM: generation, checkpoints
-    gathered = lambda: full_parameters(policy_module, accelerator)  # noqa: E731  whole weights for generation
+
+    @contextlib.contextmanager
+    def gathered():
+        """The causal LM with whole weights, for generation and checkpoints (collective when sharded)."""
+        if zero3:
+            with zero.gathered_copy(model, accelerator.device) as plain:
+                yield plain
+        else:
+            with full_parameters(policy_module, accelerator):
+                yield model
+
     resettable_reference = reference if cfg.algorithm.ref_reset_every else None
     start_step = 0
     if checkpoint is not None:
@@ -146,6 +161,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         elif deepspeed:
             engine_state = checkpoint / zero.ENGINE_DIR
             restore = {"load_optimizer": lambda _: zero.load_engine_state(policy_module, engine_state)}
+            if zero3:  # partitioned weights come back with the engine's state
+                restore["load_model"] = lambda weights: None
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference, **restore)
         sampler.load_state_dict(state["data"])
         start_step = state["step"]
@@ -167,12 +184,12 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
 
     results: dict[str, float] = {}
     if eval_examples and start_step == 0:
-        with gathered():
-            results["eval/accuracy_before"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator,
+        with gathered() as whole:
+            results["eval/accuracy_before"] = _evaluate(whole, tokenizer, eval_examples, scorer, cfg, accelerator,
                                                         tracker, 0)
 
     def save(step: int) -> None:
-        weights = model_state(policy_module, accelerator) if sharded else None  # collective under FSDP
+        weights = _whole_weights(policy_module, accelerator, gathered) if sharded or zero3 else None  # collective
         optim_state = optimizer_state(policy_module, optimizer, accelerator) if sharded else None
         move_in = None
         if deepspeed:  # every process writes its optimizer partition, then the checkpoint takes the folder
@@ -184,7 +201,7 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
             accelerator.wait_for_everyone()
             optim_state, move_in = {}, {zero.ENGINE_DIR: staging}
         if accelerator.is_main_process:
-            if not all(torch.isfinite(p).all() for p in (weights.values() if sharded else model.parameters())):
+            if not all(torch.isfinite(p).all() for p in (model.parameters() if weights is None else weights.values())):
                 raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written")
             save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, sampler.state_dict(), to_yaml(cfg),
                             resettable_reference, cfg.train.keep_last_n, model_state=weights,
@@ -195,8 +212,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
     stop = StopRequest()
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
-        with gathered():
-            rollouts, scores, sampling_metrics = _rollout_and_score(model, tokenizer, sampler, scorer, cfg,
+        with gathered() as whole:
+            rollouts, scores, sampling_metrics = _rollout_and_score(whole, tokenizer, sampler, scorer, cfg,
                                                                     accelerator, timer, step)
         if scores.total.numel() == 0:  # dynamic sampling found no group with differing rewards: nothing to learn
             tracker.log({**sampling_metrics, **timer.metrics(), "step_time": time.perf_counter() - started}, step)
@@ -204,8 +221,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         rewards, loss_mask = _shape_rewards(scores.total, rollouts, cfg)
         with timer("reference"):
             needs_old = cfg.algorithm.num_iterations > 1 or cfg.algorithm.kl_penalty == "reward"
-            old_logprobs = _logprobs(policy, rollouts, cfg, accelerator) if needs_old else None
-            ref_logprobs = _logprobs(reference, rollouts, cfg, accelerator, frozen=True) if reference is not None else None
+            old_logprobs = _logprobs(policy_module, rollouts, cfg, accelerator) if needs_old else None
+            ref_logprobs = None if reference is None else _logprobs(reference, rollouts, cfg, accelerator, frozen=True)
         if cfg.algorithm.kl_penalty == "reward":
             seq_kl = sequence_kl(old_logprobs, ref_logprobs, loss_mask, cfg.algorithm.kl_estimator)
             rewards = rewards - cfg.algorithm.beta * seq_kl.cpu()
@@ -254,26 +271,38 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save(step)
         if cfg.eval.every and eval_examples and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
-            with gathered():
-                _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, step)
+            with gathered() as whole:
+                _evaluate(whole, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, step)
         results.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
 
     stop.restore()
     if eval_examples:
-        with gathered():
-            results["eval/accuracy_after"] = _evaluate(model, tokenizer, eval_examples, scorer, cfg, accelerator,
+        with gathered() as whole:
+            results["eval/accuracy_after"] = _evaluate(whole, tokenizer, eval_examples, scorer, cfg, accelerator,
                                                        tracker, cfg.train.max_steps)
         before = results.get("eval/accuracy_before")
         accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
                           + (f"before {before:.3f}, " if before is not None else "")
                           + f"after {results['eval/accuracy_after']:.3f}")
-    weights = model_state(policy_module, accelerator) if sharded else None  # collective under FSDP
+    weights = _whole_weights(policy_module, accelerator, gathered) if sharded or zero3 else None  # collective
     if accelerator.is_main_process:
         save_model(out / "final", model, tokenizer, weights)
         print(f"final model saved to {out / 'final'}")
     accelerator.wait_for_everyone()
     tracker.finish()
     return results
+
+
+def _whole_weights(policy_module, accelerator: Accelerator, gathered) -> dict | None:
+    """Full weights of the sharded (FSDP) or partitioned (ZeRO-3) policy on the main process, without tied
+    copies; None on the others. Collective."""
+    if is_sharded(accelerator):
+        return model_state(policy_module, accelerator)
+    with gathered() as whole:
+        if not accelerator.is_main_process:
+            return None
+        tied = set(getattr(whole, "all_tied_weights_keys", None) or {})
+        return {k: v.detach().to("cpu", copy=True) for k, v in whole.state_dict().items() if k not in tied}
 
 
 def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer, cfg: Config, accelerator: Accelerator,

@@ -10,39 +10,48 @@ engine owns the backward pass, the optimizer step and the optimizer state.
 - ZeRO partitions the optimizer state across processes, so checkpoints keep it in DeepSpeed's own files
   (`save_engine_state` / `load_engine_state`, under checkpoint-<step>/deepspeed/); the weights are written
   as model.safetensors as always. A DeepSpeed checkpoint resumes with the same number of processes.
-ZeRO stage 3 is refused: its parameters exist only inside each module's forward pass, which the fused
-generation and log-prob passes do not respect yet; FSDP (configs/accelerate/fsdp.yaml) shards parameters.
+- ZeRO-3 also partitions the weights: a parameter exists whole only inside its own module's forward pass.
+  Generation, which runs one small forward per token and ends at a different step on each process, and
+  checkpoint writing use `gathered_copy`: a plain copy of the policy whose memory exists only inside the
+  block, filled module by module from the partitions (one module gathered at a time). The reference model
+  is a ZeRO-3 engine of its own (`reference_engine`), gathered layer by layer during its forward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 ENGINE_DIR, TAG = "deepspeed", "state"
+_PLAIN_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # causal LM -> its meta-device plain copy
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage of a DeepSpeed run (0 without DeepSpeed)."""
+    if not is_deepspeed(accelerator):
+        return 0
+    return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def configure(accelerator: Accelerator, cfg, micro_batches: int) -> None:
     """Fill the DeepSpeed config with the step's shape; refuse what is not supported. Before prepare()."""
-    plugin = accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        raise ValueError("DeepSpeed ZeRO stage 3 is not supported yet; use ZeRO-2 (configs/accelerate/zero2.yaml) "
-                         "or, to shard the parameters too, FSDP (configs/accelerate/fsdp.yaml)")
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError("the DeepSpeed config must not set `optimizer` or `scheduler`: grpo builds them from the "
                          "`optim` section")
-    if cfg.algorithm.ref_reset_every or cfg.moe.bias_update_speed:
-        raise ValueError("algorithm.ref_reset_every and moe.bias_update_speed are not supported under DeepSpeed "
-                         "yet; set them to 0 or use DDP (configs/accelerate/ddp.yaml)")
+    if cfg.algorithm.ref_reset_every or cfg.moe.bias_update_speed or cfg.moe.routing_replay:
+        raise ValueError("algorithm.ref_reset_every, moe.bias_update_speed and moe.routing_replay are not "
+                         "supported under DeepSpeed yet; set them to 0/false or use DDP (configs/accelerate/ddp.yaml)")
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = micro_batches
     ds["gradient_clipping"] = cfg.optim.max_grad_norm
@@ -77,3 +86,45 @@ def load_engine_state(engine, folder: Path) -> None:
     if path is None:
         raise FileNotFoundError(f"{folder}: no DeepSpeed state to resume from (was this checkpoint written by a "
                                 "DeepSpeed run with the same number of processes?)")
+
+
+def reference_engine(module: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """The frozen reference partitioned as ZeRO-3 partitions the policy (no optimizer)."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()  # the engine's eval() returns None
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_copy(model: torch.nn.Module, device: torch.device):
+    """Yields a plain (unpartitioned) copy of the ZeRO-3 partitioned causal LM `model` with its current
+    weights; its memory is freed on exit. Collective: every process enters it, and each module's
+    parameters are gathered in turn (one module at a time beside the copy)."""
+    import deepspeed
+
+    plain = _PLAIN_COPIES.get(model)
+    if plain is None:
+        with torch.device("meta"):
+            plain = type(model)(copy.deepcopy(model.config))
+        plain.generation_config = copy.deepcopy(model.generation_config)
+        plain.requires_grad_(False).eval()
+        _PLAIN_COPIES[model] = plain
+    plain.to_empty(device=device)
+    sources = dict(model.named_modules())
+    with torch.no_grad():
+        for name, target in plain.named_modules():
+            source = sources[name]
+            params = list(source.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(params):
+                for (_, value), (_, slot) in zip(source.named_parameters(recurse=False),
+                                                  target.named_parameters(recurse=False)):
+                    slot.copy_(value)
+            for (_, value), (_, slot) in zip(source.named_buffers(recurse=False), target.named_buffers(recurse=False)):
+                slot.copy_(value)
+    try:
+        yield plain
+    finally:
+        plain.to("meta")

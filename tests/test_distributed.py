@@ -1,8 +1,9 @@
 """Two CPU processes (gloo) against one: the same global batch and seed give the same weights, with DDP
-(torchrun), FSDP2 and DeepSpeed ZeRO-2 (accelerate launch with configs/accelerate/fsdp.yaml or zero2.yaml,
-through tests/cpu_launch.py)."""
+(torchrun), FSDP2 and DeepSpeed ZeRO-2/3 (accelerate launch with configs/accelerate/fsdp.yaml, zero2.yaml or
+zero3.yaml, through tests/cpu_launch.py)."""
 
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import grpo.logprobs
 from grpo.trainer import train
 from grpo.config import load_config
 
@@ -27,15 +29,22 @@ def args_for(tiny_model_dir, rules, out, loss_type, steps=3):
 
 
 def torchrun(args, extra=()):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
                  "-m", "grpo", "train", *args, *extra])
 
 
 def accelerate(config, args, extra=()):
     """`accelerate launch --config_file configs/accelerate/<config>.yaml` of grpo on two CPU processes."""
     return _run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-                 str(ROOT / f"configs/accelerate/{config}.yaml"), "--main_process_port", "29518",
+                 str(ROOT / f"configs/accelerate/{config}.yaml"), "--main_process_port", _free_port(),
                  str(ROOT / "tests/cpu_launch.py"), "train", *args, *extra])
+
+
+def _free_port() -> str:
+    """A port no one listens on now, so a launch never meets the previous launch's lingering socket."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def _run(cmd):
@@ -79,11 +88,14 @@ def test_two_process_run_resumes_from_its_checkpoint(tiny_model_dir, rules, tmp_
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
-def test_fsdp_processes_match_one(tiny_model_dir, rules, tmp_path):
-    """Sharded policy and reference (beta > 0), generation on gathered weights, checkpoints gathered to rank 0."""
-    one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_fsdp_processes_match_one(tiny_model_dir, rules, tmp_path, iterations):
+    """Sharded policy and reference (beta > 0), generation on gathered weights, checkpoints gathered to rank 0;
+    with 2 iterations per step, pi_old is captured through the sharded policy too."""
+    mu = [f"algorithm.num_iterations={iterations}"]
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo") + mu
     train(load_config(one[0], one[1:]))
-    printed = accelerate("fsdp", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo"))
+    printed = accelerate("fsdp", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo") + mu)
     assert "x 2 processes" in printed
     assert_same_final_weights(tmp_path / "one", tmp_path / "two")
 
@@ -121,3 +133,18 @@ def test_deepspeed_zero2_processes_match_one_and_resume(tiny_model_dir, rules, t
     accelerate("zero2", args_for(tiny_model_dir, rules, tmp_path / "three", "dapo", steps=2))
     accelerate("zero2", args_for(tiny_model_dir, rules, tmp_path / "three", "dapo", steps=3), ["--resume"])
     assert_same_final_weights(tmp_path / "one", tmp_path / "three")
+
+
+def test_deepspeed_zero3_processes_match_one_and_resume(tiny_model_dir, rules, tmp_path, monkeypatch):
+    """Partitioned weights: generation on a gathered plain copy, a partitioned reference engine, the plain
+    logits head (the fused head reads the weight outside the head's forward, where ZeRO-3 has no weight).
+    The one-process run takes the same plain head, so both sum in the same order."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setattr(grpo.logprobs, "PLAIN_HEAD_MODELS", frozenset())
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
+    train(load_config(one[0], one[1:]))
+    accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo"))
+    assert_same_final_weights(tmp_path / "one", tmp_path / "two")
+    accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=2))
+    accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=3), ["--resume"])
+    assert_same_final_weights(tmp_path / "two", tmp_path / "three")
