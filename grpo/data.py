@@ -63,8 +63,8 @@ def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[
     error, or dropped when cfg.drop_long_prompts.
     """
     if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"data.template is 'chat' but the tokenizer has no chat template; "
-                        f"set data.template to 'plain' or 'r1_zero'")
+        raise DataError("data.template is 'chat' but the tokenizer has no chat template; "
+                        "set data.template to 'plain' or 'r1_zero'")
     bad = [(i, col) for i, row in enumerate(rows) for col in (cfg.prompt_column, cfg.answer_column)
            if row.get(col) is None or str(row.get(col)).strip() == ""]
     if bad and cfg.drop_incomplete_rows:

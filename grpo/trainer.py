@@ -18,12 +18,9 @@ Every phase is timed and logged as time/<phase>.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import signal
 import threading
 import time
@@ -41,19 +38,18 @@ from grpo.advantages import (group_advantages, informative_groups, overlong_pena
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from grpo.config import Config, check_resume, to_yaml
 from grpo.data import PromptSampler, load_examples
+from grpo.engines import prepare_models
 from grpo.evaluate import evaluate
 from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
-from grpo.model import load_model, load_tokenizer
+from grpo.model import load_tokenizer
 from grpo.moe import RouterProbe, decode_routes, replay_routes, routing_drift, update_selection_bias
 from grpo.onednn import packed_linears
-from grpo.optim import make_accelerator, make_optimizer, make_scheduler
+from grpo.optim import make_accelerator
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
 from grpo.scoring import Scorer, Scores
 from grpo import zero
-from grpo.sharding import (check_supported, full_parameters, is_sharded, load_model_state, load_optimizer_state,
-                           model_state, optimizer_state, settle_root, shard_reference)
 from grpo.tracking import NullTracker, Tracker, truncate_metrics
 
 
@@ -117,53 +113,15 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                          f"use a multiple of {W} prompts per step")
     if W > 1 and cfg.algorithm.dynamic_sampling:
         raise ValueError("algorithm.dynamic_sampling runs on one process only for now; launch one process")
-    sharded, deepspeed, zero3 = is_sharded(accelerator), zero.is_deepspeed(accelerator), zero.stage(accelerator) == 3
-    check_supported(accelerator, cfg)
-    if deepspeed:
-        zero.configure(accelerator, cfg, micro_batches=B // W * G // cfg.train.micro_batch_size)
-    if sharded or zero3:  # oneDNN packing needs whole weights; the reference pass sees only shards
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, onednn_linear=False))
-    policy = load_model(cfg.model, accelerator.device)
-    reference = None
-    if cfg.algorithm.beta > 0:  # under ZeRO-3 the policy is partitioned as it loads: the reference loads anew
-        reference = (load_model(cfg.model, accelerator.device, trainable=False) if zero3 else
-                     copy.deepcopy(policy)).requires_grad_(False)
-    optimizer = make_optimizer(policy.parameters(), cfg.optim, accelerator.device)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.algorithm.num_iterations)
-    # one module call per micro-batch, so DDP sees one forward per backward
-    policy_module, optimizer, scheduler = accelerator.prepare(LogprobModel(policy), optimizer, scheduler)
-    if sharded:
-        settle_root(policy_module, accelerator.device)
-        if reference is not None:
-            reference = shard_reference(LogprobModel(reference), accelerator)
-    if zero3 and reference is not None:
-        reference = zero.reference_engine(LogprobModel(reference), accelerator)
+    models, cfg = prepare_models(cfg, accelerator, micro_batches=B // W * G // cfg.train.micro_batch_size)
+    policy_module, model, reference = models.policy, models.model, models.reference
+    optimizer, scheduler, gathered = models.optimizer, models.scheduler, models.gathered
     sampler = PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle)
-    model = accelerator.unwrap_model(policy_module).model  # the causal LM: generation, checkpoints
-
-    @contextlib.contextmanager
-    def gathered():
-        """The causal LM with whole weights, for generation and checkpoints (collective when sharded)."""
-        if zero3:
-            with zero.gathered_copy(model, accelerator.device) as plain:
-                yield plain
-        else:
-            with full_parameters(policy_module, accelerator):
-                yield model
-
     resettable_reference = reference if cfg.algorithm.ref_reset_every else None
     start_step = 0
     if checkpoint is not None:
-        restore = {}
-        if sharded:
-            restore = {"load_model": lambda weights: load_model_state(policy_module, weights),
-                       "load_optimizer": lambda state: load_optimizer_state(policy_module, optimizer, state)}
-        elif deepspeed:
-            engine_state = checkpoint / zero.ENGINE_DIR
-            restore = {"load_optimizer": lambda _: zero.load_engine_state(policy_module, engine_state)}
-            if zero3:  # partitioned weights come back with the engine's state
-                restore["load_model"] = lambda weights: None
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference, **restore)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, resettable_reference,
+                                **models.restore_hooks(checkpoint))
         sampler.load_state_dict(state["data"])
         start_step = state["step"]
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
@@ -189,23 +147,13 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                                                         tracker, 0)
 
     def save(step: int) -> None:
-        weights = _whole_weights(policy_module, accelerator, gathered) if sharded or zero3 else None  # collective
-        optim_state = optimizer_state(policy_module, optimizer, accelerator) if sharded else None
-        move_in = None
-        if deepspeed:  # every process writes its optimizer partition, then the checkpoint takes the folder
-            staging = out / f"checkpoint-{step}.{zero.ENGINE_DIR}.tmp"
-            if accelerator.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-            accelerator.wait_for_everyone()
-            zero.save_engine_state(policy_module, staging)
-            accelerator.wait_for_everyone()
-            optim_state, move_in = {}, {zero.ENGINE_DIR: staging}
+        states = models.checkpoint_states(out, step)  # collective when sharded or under DeepSpeed
         if accelerator.is_main_process:
+            weights = states["model_state"]
             if not all(torch.isfinite(p).all() for p in (model.parameters() if weights is None else weights.values())):
                 raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written")
             save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, sampler.state_dict(), to_yaml(cfg),
-                            resettable_reference, cfg.train.keep_last_n, model_state=weights,
-                            optimizer_state=optim_state, move_in=move_in)
+                            resettable_reference, cfg.train.keep_last_n, **states)
         accelerator.wait_for_everyone()
 
     nonfinite_in_a_row = 0
@@ -284,25 +232,13 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
                           + (f"before {before:.3f}, " if before is not None else "")
                           + f"after {results['eval/accuracy_after']:.3f}")
-    weights = _whole_weights(policy_module, accelerator, gathered) if sharded or zero3 else None  # collective
+    weights = models.whole_weights()  # collective when sharded
     if accelerator.is_main_process:
         save_model(out / "final", model, tokenizer, weights)
         print(f"final model saved to {out / 'final'}")
     accelerator.wait_for_everyone()
     tracker.finish()
     return results
-
-
-def _whole_weights(policy_module, accelerator: Accelerator, gathered) -> dict | None:
-    """Full weights of the sharded (FSDP) or partitioned (ZeRO-3) policy on the main process, without tied
-    copies; None on the others. Collective."""
-    if is_sharded(accelerator):
-        return model_state(policy_module, accelerator)
-    with gathered() as whole:
-        if not accelerator.is_main_process:
-            return None
-        tied = set(getattr(whole, "all_tied_weights_keys", None) or {})
-        return {k: v.detach().to("cpu", copy=True) for k, v in whole.state_dict().items() if k not in tied}
 
 
 def _rollout_and_score(model, tokenizer, sampler: PromptSampler, scorer: Scorer, cfg: Config, accelerator: Accelerator,

@@ -10,8 +10,6 @@ from grpo.config import Config, RolloutConfig, TrainConfig, AlgorithmConfig
 from grpo.logprobs import rollout_logprobs, token_logprobs
 from grpo.trainer import accumulate_gradients
 
-from conftest import make_model, make_tokenizer
-
 
 def test_overlong_penalty_by_hand():
     lengths = torch.tensor([6, 8, 10, 3])

@@ -1,7 +1,6 @@
 """Checkpoints that resume exactly: SIGKILL at any point, a crash during a save, SIGTERM, changed configs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

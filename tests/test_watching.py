@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from grpo.cli import main
 from grpo.config import EvalConfig, RewardSpec, RolloutConfig, ScoringConfig
