@@ -29,6 +29,13 @@ def save_model(folder: Path, model, tokenizer, state_dict: dict | None = None) -
     tokenizer.save_pretrained(folder)
 
 
+def without_tied_copies(model, state: dict) -> dict:
+    """`state` without the entries that are copies of tied weights (lm_head.weight when it is the input
+    embedding), as save_pretrained writes a model."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return {k: v for k, v in state.items() if k not in tied}
+
+
 def rng_state() -> dict:
     """RNG states of python, numpy and torch as plain types and tensors (loadable with weights_only=True)."""
     version, state, gauss = random.getstate()

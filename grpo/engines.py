@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from grpo import zero
+from grpo.checkpoint import without_tied_copies
 from grpo.logprobs import LogprobModel
 from grpo.model import load_model
 from grpo.optim import make_optimizer, make_scheduler
@@ -55,8 +56,8 @@ class Models:
         with self.gathered() as whole:
             if not self.accelerator.is_main_process:
                 return None
-            tied = set(getattr(whole, "all_tied_weights_keys", None) or {})
-            return {k: v.detach().to("cpu", copy=True) for k, v in whole.state_dict().items() if k not in tied}
+            state = without_tied_copies(whole, whole.state_dict())
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def checkpoint_states(self, out: Path, step: int) -> dict:
         """save_checkpoint's engine-dependent arguments (model_state, optimizer_state, move_in). Collective."""

@@ -23,10 +23,11 @@ import torch
 ROWS_PER_CHUNK = 64  # rows of [M, V] handled at once by the element-wise work (64 x 49152 fp32 = 12.6 MB)
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the model's lm_head runs in: autocast's when autocast is on, else the weight's."""
-    if torch.is_autocast_enabled(hidden.device.type) and weight.dtype == torch.float32:
-        return torch.get_autocast_dtype(hidden.device.type)
+def compute_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype:
+    """The dtype a linear layer with this weight computes in (what F.linear does under autocast): the
+    autocast dtype when autocast is on for `device_type` and the weight is fp32, else the weight's."""
+    if torch.is_autocast_enabled(device_type) and weight.dtype == torch.float32:
+        return torch.get_autocast_dtype(device_type)
     return weight.dtype
 
 
@@ -36,7 +37,7 @@ class HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
-        dtype = _compute_dtype(hidden, weight)
+        dtype = compute_dtype(weight, hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             probs = (h @ w.t()).float()  # z, becoming p chunk by chunk

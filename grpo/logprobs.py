@@ -57,7 +57,8 @@ def split_head(model):
     return model.get_decoder(), head.weight
 
 
-def _cache_arg(module) -> str:
+def cache_arg(module) -> str:
+    """The name `module.forward` takes a KV cache under: `cache` (transformers 5) or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
@@ -99,7 +100,7 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     if split is not None:
         return _shared_prefix_head_logprobs(*split, model.get_input_embeddings(), prompt_ids, prompt_mask,
                                             completion_ids, completion_mask, prompt_index, temperature, entropy)
-    cache_arg = _cache_arg(model)
+    cache_kwarg = cache_arg(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                 use_cache=True, logits_to_keep=1)
     first_logits = out.logits[:, -1][prompt_index].unsqueeze(1)  # [n, 1, V]: predicts completion token 0
@@ -112,7 +113,7 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     positions = prompt_lengths.unsqueeze(1) + torch.arange(T - 1, device=completion_ids.device)  # [n, T - 1]
     rest = model(input_ids=completion_ids[:, :-1],
                  attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1),
-                 position_ids=positions, use_cache=True, **{cache_arg: cache})
+                 position_ids=positions, use_cache=True, **{cache_kwarg: cache})
     logits = torch.cat([first_logits, rest.logits], dim=1)  # [n, T, V]
     return token_logprobs(logits, completion_ids, temperature, entropy)
 
@@ -133,7 +134,7 @@ def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask
         positions = prompt_mask.sum(dim=1)[prompt_index].unsqueeze(1) + torch.arange(T - 1, device=prompt_ids.device)
         rest = decoder(inputs_embeds=embeds[U * P:].view(n, T - 1, -1),
                        attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1),
-                       position_ids=positions, use_cache=True, **{_cache_arg(decoder): cache})
+                       position_ids=positions, use_cache=True, **{cache_arg(decoder): cache})
         hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)  # [n, T, H]
     return head_logprobs(hidden, weight, completion_ids, completion_mask, temperature, entropy)
 

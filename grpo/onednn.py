@@ -16,19 +16,14 @@ import types
 
 import torch
 
+from grpo.head import compute_dtype
+
 
 def available(model: torch.nn.Module) -> bool:
     """oneDNN packing applies: a CPU model and a torch built with oneDNN (mkldnn)."""
     param = next(model.parameters(), None)
     return (param is not None and param.device.type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear would compute in: the autocast dtype when CPU autocast is on, else the weight's."""
-    if torch.is_autocast_enabled("cpu") and weight.dtype == torch.float32:
-        return torch.get_autocast_dtype("cpu")
-    return weight.dtype
 
 
 def _packed(layer: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,7 +44,7 @@ def _packed(layer: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, t
 def _forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         return torch.nn.Linear.forward(layer, x)
-    dtype = _compute_dtype(layer.weight)
+    dtype = compute_dtype(layer.weight, "cpu")
     packed, bias = _packed(layer, dtype)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 

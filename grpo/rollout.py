@@ -13,14 +13,13 @@ Returns token ids with masks; knows nothing of rewards or losses.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from grpo.logprobs import position_ids_from_mask
+from grpo.logprobs import cache_arg, position_ids_from_mask
 from grpo.onednn import packed_linears
 
 
@@ -173,7 +172,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
     G, eos_ids = num_generations, eos_token_ids(tokenizer, model)
     eos = torch.tensor(eos_ids, device=device)
     pad = tokenizer.pad_token_id
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kwarg = cache_arg(model)
     was_training = model.training
     model.eval()
     with autocast(), packed_linears(model, onednn_linear):
@@ -209,7 +208,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
             decode_rows.append(active)
             out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention, position_ids=positions,
-                        use_cache=True, **{cache_arg: cache})
+                        use_cache=True, **{cache_kwarg: cache})
             logits, positions = out.logits[:, -1], positions + 1
     model.train(was_training)
 

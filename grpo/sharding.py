@@ -21,6 +21,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from grpo.checkpoint import without_tied_copies
+
 
 def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
@@ -103,8 +105,7 @@ def model_state(module: torch.nn.Module, accelerator: Accelerator, prefix: str =
     state = get_model_state_dict(module, options=_options(cpu_offload=True))
     if not accelerator.is_main_process:
         return None
-    tied = set(getattr(module.model, "all_tied_weights_keys", None) or {})
-    return {name: v for k, v in state.items() if (name := k.removeprefix(prefix)) not in tied}
+    return without_tied_copies(module.model, {k.removeprefix(prefix): v for k, v in state.items()})
 
 
 def optimizer_state(module: torch.nn.Module, optimizer, accelerator: Accelerator) -> dict | None:
