@@ -93,7 +93,9 @@ def prepare_models(cfg, accelerator: Accelerator, micro_batches: int):
     are sharded (oneDNN packing needs whole weights)."""
     sharded, deepspeed = is_sharded(accelerator), zero.is_deepspeed(accelerator)
     zero3 = zero.stage(accelerator) == 3
-    check_supported(accelerator, cfg)
+    check_supported(accelerator)
+    if sharded or deepspeed:
+        _refuse_whole_weight_options(cfg, "FSDP" if sharded else "DeepSpeed")
     if deepspeed:
         zero.configure(accelerator, cfg, micro_batches)
     if sharded or zero3:
@@ -115,3 +117,13 @@ def prepare_models(cfg, accelerator: Accelerator, micro_batches: int):
         reference = zero.reference_engine(LogprobModel(reference), accelerator)
     model = accelerator.unwrap_model(policy_module).model
     return Models(accelerator, policy_module, model, reference, optimizer, scheduler, sharded, deepspeed, zero3), cfg
+
+
+def _refuse_whole_weight_options(cfg, engine: str) -> None:
+    """Options that update or read whole weights outside the training pass; refused under sharded engines."""
+    set_ = [name for name, value in (("algorithm.ref_reset_every", cfg.algorithm.ref_reset_every),
+                                     ("moe.bias_update_speed", cfg.moe.bias_update_speed),
+                                     ("moe.routing_replay", cfg.moe.routing_replay)) if value]
+    if set_:
+        raise ValueError(f"{', '.join(set_)}: not supported under {engine} yet; set to 0/false or use DDP "
+                         "(configs/accelerate/ddp.yaml)")

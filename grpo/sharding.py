@@ -28,19 +28,11 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_supported(accelerator: Accelerator, cfg) -> None:
-    """Refuse what sharded training does not support, naming the setting to change."""
-    if not is_sharded(accelerator):
-        return
-    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+def check_supported(accelerator: Accelerator) -> None:
+    """Refuse FSDP1, naming the setting to change."""
+    if is_sharded(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ValueError("FSDP1 is not supported: set fsdp_config.fsdp_version: 2 in the accelerate config "
                          "(configs/accelerate/fsdp.yaml)")
-    if cfg.algorithm.ref_reset_every:
-        raise ValueError("algorithm.ref_reset_every is not supported under FSDP yet; set it to 0 or use DDP "
-                         "(configs/accelerate/ddp.yaml)")
-    if cfg.moe.bias_update_speed or cfg.moe.routing_replay:
-        raise ValueError("moe.bias_update_speed and moe.routing_replay are not supported under FSDP yet; "
-                         "set them to 0/false or use DDP (configs/accelerate/ddp.yaml)")
 
 
 def shard_reference(module: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:

@@ -44,14 +44,11 @@ def stage(accelerator: Accelerator) -> int:
 
 
 def configure(accelerator: Accelerator, cfg, micro_batches: int) -> None:
-    """Fill the DeepSpeed config with the step's shape; refuse what is not supported. Before prepare()."""
+    """Fill the DeepSpeed config with the step's shape; refuse an optimizer or schedule in it. Before prepare()."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError("the DeepSpeed config must not set `optimizer` or `scheduler`: grpo builds them from the "
                          "`optim` section")
-    if cfg.algorithm.ref_reset_every or cfg.moe.bias_update_speed or cfg.moe.routing_replay:
-        raise ValueError("algorithm.ref_reset_every, moe.bias_update_speed and moe.routing_replay are not "
-                         "supported under DeepSpeed yet; set them to 0/false or use DDP (configs/accelerate/ddp.yaml)")
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = micro_batches
     ds["gradient_clipping"] = cfg.optim.max_grad_norm

@@ -148,3 +148,12 @@ def test_deepspeed_zero3_processes_match_one_and_resume(tiny_model_dir, rules, t
     accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=2))
     accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=3), ["--resume"])
     assert_same_final_weights(tmp_path / "two", tmp_path / "three")
+
+
+def test_sharded_engines_refuse_whole_weight_options_by_name():
+    from grpo.engines import _refuse_whole_weight_options
+
+    cfg = load_config(None, ["algorithm.beta=0.04", "algorithm.ref_reset_every=2", "moe.routing_replay=true"])
+    with pytest.raises(ValueError, match=r"algorithm.ref_reset_every, moe.routing_replay: not supported under FSDP"):
+        _refuse_whole_weight_options(cfg, "FSDP")
+    _refuse_whole_weight_options(load_config(None, []), "DeepSpeed")  # defaults are fine
