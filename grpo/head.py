@@ -33,10 +33,11 @@ def compute_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype:
 
 class HeadLogprobs(torch.autograd.Function):
     """(logp [M], entropy [M]) of targets [M] under softmax(hidden [M, H] @ weight[V, H]^T / temperature);
-    the entropy carries no gradient."""
+    the entropy carries no gradient, and with_entropy=False leaves it empty (the passes that never log it)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                with_entropy: bool = True):
         dtype = compute_dtype(weight, hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
@@ -45,7 +46,7 @@ class HeadLogprobs(torch.autograd.Function):
             probs.div_(temperature)
         keep_probs = any(ctx.needs_input_grad[:2])  # only a backward needs p
         logp = torch.empty(probs.shape[0], device=probs.device)
-        entropy = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
         for start in range(0, probs.shape[0], ROWS_PER_CHUNK):
             z = probs[start:start + ROWS_PER_CHUNK]
             z.sub_(z.amax(dim=-1, keepdim=True))  # shift by the row max: z <= 0
@@ -54,7 +55,8 @@ class HeadLogprobs(torch.autograd.Function):
             total = exp.sum(dim=-1)
             log_total = total.log()
             logp[start:start + z.shape[0]] = target - log_total
-            entropy[start:start + z.shape[0]] = log_total - (exp * z).sum(dim=-1) / total
+            if with_entropy:
+                entropy[start:start + z.shape[0]] = log_total - (exp * z).sum(dim=-1) / total
             if keep_probs:
                 z.copy_(exp.div_(total.unsqueeze(1)))
         if keep_probs:
@@ -79,7 +81,7 @@ class HeadLogprobs(torch.autograd.Function):
             grad_hidden = (grad_z @ w).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_z.t() @ h).to(ctx.dtypes[1])
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -90,7 +92,7 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     passed as `entropy` receives the entropy [n, T] (no gradient).
     """
     keep = mask.bool()
-    logp, ent = HeadLogprobs.apply(hidden[keep], weight, targets[keep], temperature)
+    logp, ent = HeadLogprobs.apply(hidden[keep], weight, targets[keep], temperature, entropy is not None)
     out = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device).masked_scatter(keep, logp)
     if entropy is not None:
         entropy.append(torch.zeros(targets.shape, dtype=ent.dtype, device=ent.device).masked_scatter(keep, ent))

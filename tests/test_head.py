@@ -106,3 +106,17 @@ def test_model_log_probs_and_gradients_equal_the_full_logits_path(mixed_rollouts
     torch.testing.assert_close(ent_f, ent_p, atol=1e-5, rtol=0)
     for a, b in zip(g_f, g_p):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_log_probs_and_gradients_do_not_depend_on_computing_the_entropy():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(70, 8, requires_grad=True), torch.randn(50, 8)
+    targets = torch.randint(50, (70,))
+    results = []
+    for with_entropy in (True, False):
+        hidden.grad = None
+        logp, entropy = HeadLogprobs.apply(hidden, weight, targets, 0.8, with_entropy)
+        logp.sum().backward()
+        results.append((logp.detach(), hidden.grad.clone(), entropy.numel()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert (results[0][2], results[1][2]) == (70, 0)
