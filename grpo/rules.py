@@ -29,7 +29,7 @@ class Rule:
     weight: float
     fn: Callable  # kwargs bound; fn(completion, example) or, batched, fn(completions, examples)
     batched: bool
-    canary: Optional[tuple]  # ((completion, example) scored higher, (completion, example) scored lower) or None
+    canary: Optional[tuple]  # ((completion, example) scored higher, [(completion, example) scored lower, ...]) or None
     ref: str  # the configured `fn:` text
 
 

@@ -99,18 +99,21 @@ class Scorer:
         return Scores(total=total, per_rule=per_rule, errors=errors, sub_metrics=sub_metrics)
 
     def check_canaries(self) -> None:
-        """Each rule with canary samples must score its correct sample above its wrong one."""
+        """Each rule with canary samples must score its correct sample above every one of its wrong ones."""
         for rule in self.rules:
             if rule.canary is None:
                 continue
-            (good, good_example), (bad, bad_example) = rule.canary
-            outcomes = self._run([rule], [good, bad], [good_example, bad_example])[0]
+            (good, good_example), wrongs = rule.canary
+            samples = [(good, good_example), *wrongs]
+            outcomes = self._run([rule], [c for c, _ in samples], [e for _, e in samples])[0]
             scored = [_check_value(rule.label, p)[0] if kind == "ok" else None for kind, p in outcomes]
-            if None in scored or scored[0] <= scored[1]:
-                detail = [p if kind == "error" else v for (kind, p), v in zip(outcomes, scored)]
-                raise RewardRuleError(
-                    f"reward rule {rule.label!r} ({rule.ref}) failed its canary: it should score {good!r} above "
-                    f"{bad!r} but gave {detail[0]!r} and {detail[1]!r}. Check the rule and its kwargs.")
+            for (bad, _), (kind, payload), value in zip(wrongs, outcomes[1:], scored[1:]):
+                if scored[0] is None or value is None or scored[0] <= value:
+                    good_detail = outcomes[0][1] if outcomes[0][0] == "error" else scored[0]
+                    raise RewardRuleError(
+                        f"reward rule {rule.label!r} ({rule.ref}) failed its canary: it should score {good!r} above "
+                        f"{bad!r} but gave {good_detail!r} and {payload if kind == 'error' else value!r}. "
+                        "Check the rule and its kwargs.")
 
     def close(self) -> None:
         if self.pool is not None:

@@ -17,6 +17,37 @@ IN_PROCESS = ScoringConfig(workers=0)
 
 
 @pytest.mark.parametrize("completion, gold, expected", [
+    # the value a completion states, never an expression it leaves unevaluated
+    ("38 + 94 =", "132", 0.0),  # restating the question
+    ("38 + 94 = 132", "132", 1.0),
+    ("The sum is 132.", "132", 1.0),
+    ("<answer>535 + 5</answer>", "540", 0.0),
+    ("<answer>540</answer>", "540", 1.0),
+    ("So we compute 188 + 5.", "193", 0.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("The answer is $1,200.", "1200", 1.0),
+    ("38 + 94 = 131", "132", 0.0),
+    ("To solve 13 + 40 with the number only, I will first calculate the result with the", "53", 0.0),
+    ("<answer>38 + 94 =</answer>", "132", 0.0),
+    ("\\boxed{38+94}", "132", 0.0),
+    ("<answer>2 \\times 3</answer>", "6", 0.0),
+    ("<answer>\\frac{1}{2} + 1</answer>", "1.5", 0.0),
+    ("<answer>1080/2</answer>", "540", 0.0),  # a division left undone
+    ("<answer>\\frac{1080}{2}</answer>", "540", 0.0),
+    ("<answer>\\int_0^1 x dx</answer>", "0.5", 0.0),
+    ("1/2", "0.5", 1.0),
+    ("<answer>x = 5</answer>", "5", 1.0),  # an equation states its right-hand side
+    ("x=-5", "-5", 1.0),
+    # commas: thousands groups only
+    ("(1, 2)", "12", 0.0),
+    ("3,4", "34", 0.0),
+    ("<answer>(1, 2)</answer>", "(1, 2)", 1.0),
+    ("<answer>\\$1,200</answer>", "1200", 1.0),
+    # LaTeX values compared mathematically
+    ("<answer>2\\sqrt{3}</answer>", "2\\sqrt{3}", 1.0),
+    ("<answer>\\{1, 2\\}</answer>", "\\{1,2\\}", 1.0),
+    ("<answer>x^2+1</answer>", "x^2 + 1", 1.0),
+    # formats kept from before
     ("23 + 45 = 68", "68", 1.0),
     ("23 + 45 = 78", "68", 0.0),
     ("The answer is 1,234.", "1234", 1.0),
@@ -215,3 +246,40 @@ def test_worker_pool_kills_hanging_rules_and_leaves_no_processes(tmp_path, monke
     processes = [p for p, _ in scorer.pool._workers]
     scorer.close()
     assert all(not p.is_alive() for p in processes)
+
+
+def test_accuracy_canary_fails_a_rule_that_pays_for_a_restated_question(monkeypatch):
+    """A checker that evaluates whatever expression the completion holds (the quickstart's old hole) earns 1
+    for "38 + 4 =" against gold 42; accuracy's canary stops such a rule before training."""
+    import rewards
+    from math_verify import parse, verify
+
+    def evaluates_expressions(completion, example):
+        predicted = parse(completion.replace(",", ""))
+        return 1.0 if predicted and verify(parse(example["answer"]), predicted) else 0.0
+
+    assert evaluates_expressions("What is 38 + 4? 38 + 4 =", {"answer": "42"}) == 1.0  # the hole
+    monkeypatch.setitem(rewards.BUILTINS, "hackable", _with_canary_of(accuracy, evaluates_expressions))
+    with pytest.raises(RewardRuleError, match=r"'hackable' .* failed its canary: it should score 'so the answer is 42\.' "
+                                              r"above 'What is 38 \+ 4\? 38 \+ 4 =' but gave 1\.0 and 1\.0"):
+        Scorer([RewardSpec(fn="hackable")], IN_PROCESS).check_canaries()
+
+
+def _with_canary_of(declared, fn):
+    fn.reward_batched, fn.reward_canary = False, declared.reward_canary
+    return fn
+
+
+def test_math_verify_failures_are_errors_not_wrong_answers(monkeypatch):
+    """A timeout inside math-verify has not judged the sample: reward/accuracy/errors counts it."""
+    import rewards.math
+    from math_verify.errors import TimeoutException
+
+    def timing_out(*args, **kwargs):
+        raise TimeoutException("Operation timed out!")
+
+    monkeypatch.setattr(rewards.math, "parse", timing_out)
+    scores = Scorer([RewardSpec(fn="accuracy")], ScoringConfig(workers=0, max_error_fraction=1.0))(
+        ["<answer>\\frac{1}{2}</answer>", "<answer>7</answer>"], [{"answer": "0.5"}, {"answer": "7"}])
+    assert scores.per_rule["accuracy"] == [None, 1.0]  # the plain number needs no math-verify
+    assert scores.metrics()["reward/accuracy/errors"] == 1.0
