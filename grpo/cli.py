@@ -97,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         import json
 
-        from grpo.evaluate import evaluate_checkpoint
+        from grpo.evaluate import evaluate_checkpoint, format_samples
 
-        print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=2))
+        evaluation = evaluate_checkpoint(cfg, args.checkpoint)
+        print(f"greedy completions ({cfg.eval.reward} score):\n"
+              + format_samples({args.checkpoint or cfg.model.name_or_path: evaluation.samples}), file=sys.stderr)
+        print(json.dumps(evaluation.metrics, indent=2))
         return 0
     if args.command == "generate":
         from grpo.generate import generate_dataset

@@ -1,24 +1,45 @@
-"""Held-out evaluation: greedy pass@1 of the policy on prompts it is not trained on, and pass@k on request."""
+"""Held-out evaluation: greedy pass@1 of the policy on prompts it is not trained on, and pass@k on request.
+Besides the numbers it keeps the first few greedy completions, so a reader sees what the model writes."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from grpo.rollout import generate
 
+SAMPLES = 2  # greedy completions kept for printing
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    samples: list[dict]  # the first SAMPLES prompts: {"question", "answer", "completion", "score"}
+
+
+def format_samples(columns: dict[str, list[dict]]) -> str:
+    """Sample completions as indented lines, one column per label ("before", "after", ...) over the same prompts."""
+    lines = []
+    for i, first in enumerate(next(iter(columns.values()))):
+        lines.append(f"  {first['question']!r} (gold {first['answer']})")
+        width = max(len(label) for label in columns)
+        for label, samples in columns.items():
+            lines.append(f"    {label:<{width}}  {samples[i]['completion']!r} -> {samples[i]['score']}")
+    return "\n".join(lines)
+
 
 def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_cfg,
-             autocast=contextlib.nullcontext, onednn_linear: bool = False) -> dict[str, float]:
+             autocast=contextlib.nullcontext, onednn_linear: bool = False) -> Evaluation:
     """Greedy completions for `examples`, scored by the configured rules.
 
-    Returns eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions, None scores left
+    Metrics: eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions, None scores left
     out), eval/reward (mean weighted total), eval/completion_length, and with eval_cfg.pass_k = k > 0,
     eval/pass@k: the fraction of prompts for which at least one of k sampled completions (rollout
     temperature) scores > 0 on that rule. onednn_linear as in `generate`.
     """
-    totals, key_rule, lengths, passed = [], [], [], []
+    totals, key_rule, lengths, passed, samples = [], [], [], [], []
     k = eval_cfg.pass_k
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch = examples[start:start + eval_cfg.batch_size]
@@ -28,6 +49,9 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
         scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist())
         totals.append(scores.total)
         key_rule += scores.per_rule[eval_cfg.reward]
+        samples += [{"question": e.get("question", e["prompt"]), "answer": e["answer"], "completion": text,
+                     "score": value} for e, text, value in
+                    zip(batch, rollouts.texts, scores.per_rule[eval_cfg.reward])][:SAMPLES - len(samples)]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())
         if k > 0:
             sampled = generate(model, tokenizer, prompts, k, rollout_cfg, autocast=autocast,
@@ -42,10 +66,10 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
     }
     if k > 0:
         metrics[f"eval/pass@{k}"] = sum(passed) / len(passed)
-    return metrics
+    return Evaluation(metrics, samples)
 
 
-def evaluate_checkpoint(cfg, checkpoint: str | None) -> dict[str, float]:
+def evaluate_checkpoint(cfg, checkpoint: str | None) -> Evaluation:
     """`grpo eval`: evaluate a saved model (or cfg.model when checkpoint is None) on cfg.eval.path."""
     from grpo.data import load_examples
     from grpo.model import load_model, load_tokenizer

@@ -12,6 +12,7 @@ a patched layer calls its own forward, so training is untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
 import torch
@@ -24,6 +25,13 @@ def available(model: torch.nn.Module) -> bool:
     param = next(model.parameters(), None)
     return (param is not None and param.device.type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """This CPU has oneDNN kernels for packed weights in `dtype`: always fp32; bf16 needs AVX-512 (BW, VL,
+    DQ) or AVX-NE-CONVERT, which many AVX2-only CPUs lack. Without them a bf16 layer keeps its own forward."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _packed(layer: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,9 +50,9 @@ def _packed(layer: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, t
 
 
 def _forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled():
-        return torch.nn.Linear.forward(layer, x)
     dtype = compute_dtype(layer.weight, "cpu")
+    if torch.is_grad_enabled() or not packs(dtype):
+        return torch.nn.Linear.forward(layer, x)
     packed, bias = _packed(layer, dtype)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 

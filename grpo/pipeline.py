@@ -29,7 +29,7 @@ def run_stage(stage: Stage) -> dict:
         return sft(stage.config, resume=resume)
     if stage.run == "generate":
         return {"dataset": str(generate_dataset(stage.config))}
-    return evaluate_checkpoint(stage.config, None)
+    return evaluate_checkpoint(stage.config, None).metrics
 
 
 def run_pipeline(stages: list[Stage]) -> dict[str, dict]:

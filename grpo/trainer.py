@@ -39,7 +39,7 @@ from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint,
 from grpo.config import Config, check_resume, to_yaml
 from grpo.data import PromptSampler, load_examples
 from grpo.engines import prepare_models
-from grpo.evaluate import evaluate
+from grpo.evaluate import evaluate, format_samples
 from grpo.logprobs import LogprobModel, rollout_logprobs
 from grpo.loss import policy_loss
 from grpo.model import load_tokenizer
@@ -141,10 +141,11 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
             accelerator.print(f"reward {spec.label}: user code {spec.fn} sha256 {digest}")
 
     results: dict[str, float] = {}
+    samples = {}  # greedy eval completions before and after training, printed at the end
     if eval_examples and start_step == 0:
         with gathered() as whole:
-            results["eval/accuracy_before"] = _evaluate(whole, tokenizer, eval_examples, scorer, cfg, accelerator,
-                                                        tracker, 0)
+            results["eval/accuracy_before"], samples["before"] = _evaluate(whole, tokenizer, eval_examples, scorer,
+                                                                           cfg, accelerator, tracker, 0)
 
     def save(step: int) -> None:
         states = models.checkpoint_states(out, step)  # collective when sharded or under DeepSpeed
@@ -226,12 +227,12 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
     stop.restore()
     if eval_examples:
         with gathered() as whole:
-            results["eval/accuracy_after"] = _evaluate(whole, tokenizer, eval_examples, scorer, cfg, accelerator,
-                                                       tracker, cfg.train.max_steps)
+            results["eval/accuracy_after"], samples["after"] = _evaluate(whole, tokenizer, eval_examples, scorer,
+                                                                         cfg, accelerator, tracker, cfg.train.max_steps)
         before = results.get("eval/accuracy_before")
         accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
                           + (f"before {before:.3f}, " if before is not None else "")
-                          + f"after {results['eval/accuracy_after']:.3f}")
+                          + f"after {results['eval/accuracy_after']:.3f}\n" + format_samples(samples))
     weights = models.whole_weights()  # collective when sharded
     if accelerator.is_main_process:
         save_model(out / "final", model, tokenizer, weights)
@@ -487,8 +488,10 @@ class StopRequest:
         self._previous = {}
 
 
-def _evaluate(model, tokenizer, examples, scorer, cfg: Config, accelerator: Accelerator, tracker, step: int) -> float:
-    metrics = evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast,
-                       onednn_linear=cfg.train.onednn_linear)
-    tracker.log(metrics, step)
-    return metrics["eval/accuracy"]
+def _evaluate(model, tokenizer, examples, scorer, cfg: Config, accelerator: Accelerator, tracker,
+              step: int) -> tuple[float, list[dict]]:
+    """eval/accuracy and the sample completions; every eval metric is logged at `step`."""
+    evaluation = evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast,
+                          onednn_linear=cfg.train.onednn_linear)
+    tracker.log(evaluation.metrics, step)
+    return evaluation.metrics["eval/accuracy"], evaluation.samples

@@ -39,6 +39,22 @@ def test_bf16_autocast_and_bias():
     torch.testing.assert_close(packed, plain, atol=1e-2, rtol=1e-2)
 
 
+def test_bf16_without_cpu_support_keeps_the_plain_layer(monkeypatch):
+    """On a CPU without oneDNN's bf16 kernels (AVX2 only), a bf16 layer runs its own forward instead of failing
+    in the weight reorder; fp32 layers are still packed."""
+    import grpo.onednn
+
+    monkeypatch.setattr(grpo.onednn, "packs", lambda dtype: dtype == torch.float32)
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(16, 24), torch.randn(4, 16)
+    with torch.no_grad(), packed_linears(layer, keep=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert not hasattr(layer, "_onednn_cache")
+        layer(x)
+        assert layer._onednn_cache[0][2] == torch.float32
+
+
 def test_gradients_take_the_plain_layer():
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(8, 8), torch.randn(3, 8)

@@ -77,16 +77,25 @@ def test_eval_numbers_match_a_hand_checked_case(tmp_path):
     by_hand = [1.0 if t[:1].isalpha() else 0.0 for t in greedy.texts]
     rule.write_text("def first_letter(completion, example):\n    return 1.0 if completion[:1].isalpha() else 0.0\n")
     scorer = Scorer([RewardSpec(fn=f"{rule}:first_letter")], ScoringConfig(workers=0))
-    metrics = evaluate(model, tok, examples, scorer, rollout, EvalConfig(reward="first_letter", batch_size=3))
+    evaluation = evaluate(model, tok, examples, scorer, rollout, EvalConfig(reward="first_letter", batch_size=3))
+    metrics = evaluation.metrics
     assert metrics["eval/accuracy"] == pytest.approx(sum(by_hand) / 4)
     lengths = greedy.completion_mask.sum(dim=1).float()
     assert metrics["eval/completion_length"] == pytest.approx(lengths.mean().item())
+    assert [(s["question"], s["completion"], s["score"]) for s in evaluation.samples] == [
+        ("ab", greedy.texts[0], by_hand[0]), ("What is 2?", greedy.texts[1], by_hand[1])]
 
 
 def test_grpo_eval_command(tiny_model_dir, capsys):
     assert main(["eval", str(ROOT / "configs/quickstart.yaml"), f"eval.path={ROOT / 'data/arithmetic/test.jsonl'}",
                  "eval.num_prompts=3", "scoring.workers=0", "train.mixed_precision=fp32",
                  "--checkpoint", str(tiny_model_dir)]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(printed[printed.index("{"):])
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
     assert set(result) == {"eval/accuracy", "eval/reward", "eval/completion_length"}
+    # what the model wrote, beside the number: two held-out questions with their greedy completions
+    err = printed.err.splitlines()
+    lines = err[err.index("greedy completions (accuracy score):"):]
+    assert lines[1].startswith("  'What is ") and "(gold " in lines[1]
+    assert lines[2].startswith(f"    {tiny_model_dir}  '") and " -> " in lines[2]
+    assert lines[3].startswith("  'What is ") and len(lines) == 5
