@@ -16,6 +16,7 @@ USAGE_EXAMPLES = """examples:
   grpo validate configs/r1_zero_gsm8k.yaml
   grpo validate --doc          # every config field with its type, default and meaning
   grpo rewards                 # the built-in reward rules
+  grpo rewards --probe configs/quickstart.yaml   # what completions that game the rules would earn
   grpo eval configs/quickstart.yaml --checkpoint runs/quickstart/final
   grpo report runs/quickstart  # PNG curves and an HTML summary
 """
@@ -43,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                            help="continue from the latest checkpoint in train.output_dir, or from CHECKPOINT")
-    sub.add_parser("rewards", help="list the built-in reward rules")
+    rewards_parser = sub.add_parser("rewards", help="list the built-in reward rules, or probe a config's rules for hacks")
+    rewards_parser.add_argument("--probe", metavar="CONFIG",
+                                help="score completions that game the config's rules (restated question, copied "
+                                     "numbers, empty tags, ...) beside its gold answers; exit 1 when one is flagged")
+    rewards_parser.add_argument("overrides", nargs="*", help="dotted overrides for --probe's config")
     report = sub.add_parser("report", help="plot a run's curves and write an HTML summary")
     report.add_argument("output_dir", help="the run's train.output_dir")
     args = parser.parse_args(argv)
 
+    if args.command == "rewards" and args.probe:
+        return _probe(args.probe, args.overrides)
     if args.command == "rewards":
         import rewards
 
@@ -132,6 +139,29 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _probe(config: str, overrides: list[str]) -> int:
+    """`grpo rewards --probe CONFIG`: the reward-hack probe on the config's first scoring.probe_rows rows."""
+    from grpo.data import load_examples
+    from grpo.model import load_tokenizer
+    from grpo.probe import probe_report
+    from grpo.scoring import Scorer
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(cfg.model)
+    examples, _ = load_examples(cfg.data.path, cfg.data.split, max(cfg.scoring.probe_rows, 1), cfg.data, tokenizer)
+    scorer = Scorer(cfg.rewards, cfg.scoring)
+    try:
+        report, flagged = probe_report(scorer, examples, tokenizer, cfg.data.path)
+    finally:
+        scorer.close()
+    print(report)
+    return 1 if flagged else 0
 
 
 if __name__ == "__main__":

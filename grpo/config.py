@@ -117,6 +117,9 @@ class ScoringConfig:
     """Steps over which the error fraction is measured."""
     canary: bool = True
     """At start-up, check that each rule scores its declared correct sample above its wrong one."""
+    probe_rows: int = 16
+    """Training rows the reward-hack probe scores at start-up (grpo.probe; a table, and a warning for each
+    gaming pattern that earns more than half of what gold answers earn); 0 skips it."""
 
 
 @dataclass(frozen=True)
@@ -179,14 +182,19 @@ class TrainConfig:
     """Folder for config.yaml, metrics.jsonl, checkpoints and the final model."""
     max_steps: int = 100
     """Training steps; each step samples `prompts_per_step` prompts x G completions."""
+    time_limit: float = 0.0
+    """Seconds of training steps (evaluations and loading not counted) after which the run ends as if
+    max_steps were reached: final evaluation, final model. 0: no limit. For equal-time comparisons."""
     prompts_per_step: int = 8
     """B: prompts per step, so B * G completions per step."""
     micro_batch_size: int = 16
     """Completions per forward/backward pass; gradients accumulate to one update per step."""
     seed: int = 42
     """Seed for data order, sampling and initialisation."""
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision (autocast) for generation and training; bf16 pays on GPUs and CPUs with AVX-512 BF16."""
+    mixed_precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Compute precision (autocast) for generation and training; bf16 pays on GPUs and CPUs with AVX-512 BF16
+    (elsewhere a CPU emulates it, about 3x slower than fp32). auto: bf16 where the hardware computes it natively
+    (a bf16-capable GPU, a CPU with AVX-512 BF16 or AMX), else fp32. fp16 needs a GPU."""
     share_prompt: bool = True
     """Run each group's prompt through the model once and let its G completions attend to it (exact)."""
     save_every: int = 0
@@ -598,6 +606,8 @@ def _check_combinations(cfg: Config) -> list[str]:
         )
     if t.max_steps < 0:
         p.append("train.max_steps: must be >= 0")
+    if t.time_limit < 0:
+        p.append("train.time_limit: must be >= 0 seconds (0: no limit)")
     if r.max_completion_length < 1:
         p.append("rollout.max_completion_length: must be at least 1")
     if r.temperature <= 0:
@@ -624,6 +634,8 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("optim.lr: must be > 0")
     if cfg.scoring.workers < 0 or cfg.scoring.timeout <= 0 or cfg.scoring.error_window < 1:
         p.append("scoring: workers must be >= 0, timeout > 0 and error_window >= 1")
+    if cfg.scoring.probe_rows < 0:
+        p.append("scoring.probe_rows: must be >= 0 (0 skips the reward-hack probe)")
     if cfg.moe.routing_replay and not t.share_prompt:
         p.append("moe.routing_replay: needs train.share_prompt=true (replay follows the shared-prompt pass)")
     if cfg.data.max_prompt_length < 1:

@@ -34,19 +34,21 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
              autocast=contextlib.nullcontext, onednn_linear: bool = False) -> Evaluation:
     """Greedy completions for `examples`, scored by the configured rules.
 
-    Metrics: eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions, None scores left
-    out), eval/reward (mean weighted total), eval/completion_length, and with eval_cfg.pass_k = k > 0,
+    Metrics: eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions; a sample the rule
+    failed on counts as not correct and in eval/errors, one the rule does not apply to (None) is left out),
+    eval/errors, eval/reward (mean weighted total), eval/completion_length, and with eval_cfg.pass_k = k > 0,
     eval/pass@k: the fraction of prompts for which at least one of k sampled completions (rollout
     temperature) scores > 0 on that rule. onednn_linear as in `generate`.
     """
-    totals, key_rule, lengths, passed, samples = [], [], [], [], []
+    totals, key_rule, lengths, passed, samples, errors = [], [], [], [], [], 0
     k = eval_cfg.pass_k
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch = examples[start:start + eval_cfg.batch_size]
         prompts = [e["prompt"] for e in batch]
         rollouts = generate(model, tokenizer, prompts, 1, rollout_cfg, greedy=True, autocast=autocast,
                             onednn_linear=onednn_linear)
-        scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist())
+        scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist(), training=False)
+        errors += scores.errors[eval_cfg.reward]
         totals.append(scores.total)
         key_rule += scores.per_rule[eval_cfg.reward]
         samples += [{"question": e.get("question", e["prompt"]), "answer": e["answer"], "completion": text,
@@ -56,11 +58,14 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
         if k > 0:
             sampled = generate(model, tokenizer, prompts, k, rollout_cfg, autocast=autocast,
                                onednn_linear=onednn_linear)
-            values = scorer(sampled.texts, [e for e in batch for _ in range(k)]).per_rule[eval_cfg.reward]
+            values = scorer(sampled.texts, [e for e in batch for _ in range(k)],
+                            training=False).per_rule[eval_cfg.reward]
             passed += [any((v or 0) > 0 for v in values[i * k:(i + 1) * k]) for i in range(len(batch))]
     scored = [v for v in key_rule if v is not None]
+    graded = len(scored) + errors  # a sample the rule failed on counts as not correct
     metrics = {
-        "eval/accuracy": sum(scored) / len(scored) if scored else float("nan"),
+        "eval/accuracy": sum(scored) / graded if graded else float("nan"),
+        "eval/errors": float(errors),
         "eval/reward": torch.cat(totals).mean().item(),
         "eval/completion_length": torch.cat(lengths).mean().item(),
     }

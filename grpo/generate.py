@@ -62,7 +62,7 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
                 rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], g.num_samples, cfg.rollout,
                                     autocast=accelerator.autocast, onednn_linear=cfg.train.onednn_linear)
                 group = [e for e in batch for _ in range(g.num_samples)]
-                scores = scorer(rollouts.texts, group, rollouts.completion_mask.sum(dim=1).tolist())
+                scores = scorer(rollouts.texts, group, rollouts.completion_mask.sum(dim=1).tolist(), training=False)
                 for p, example in enumerate(batch):
                     rows = range(p * g.num_samples, (p + 1) * g.num_samples)
                     chosen = select_samples([rollouts.texts[i] for i in rows], [scores.total[i].item() for i in rows],

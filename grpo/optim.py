@@ -9,13 +9,33 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
+from grpo.config import ConfigError
+
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def native_bf16(on_cpu: bool) -> bool:
+    """The hardware computes bf16 itself: a CPU with AVX-512 BF16 or AMX tiles, or a bf16-capable GPU."""
+    if on_cpu:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.cuda.is_bf16_supported()
+
+
+def resolved_precision(train_cfg) -> str:
+    """train.mixed_precision with `auto` decided for this machine: bf16 where native_bf16, else fp32."""
+    if train_cfg.mixed_precision != "auto":
+        return train_cfg.mixed_precision
+    return "bf16" if native_bf16(train_cfg.cpu or not torch.cuda.is_available()) else "fp32"
 
 
 def make_accelerator(train_cfg) -> Accelerator:
     """train.mixed_precision as accelerate spells it; CPU processes (gloo) whenever there is no GPU."""
-    precision = {"fp32": "no"}.get(train_cfg.mixed_precision, train_cfg.mixed_precision)
-    return Accelerator(mixed_precision=precision, cpu=train_cfg.cpu or not torch.cuda.is_available())
+    on_cpu = train_cfg.cpu or not torch.cuda.is_available()
+    precision = resolved_precision(train_cfg)
+    if precision == "fp16" and on_cpu:
+        raise ConfigError("this machine", ["train.mixed_precision=fp16 needs a GPU: on a CPU autocast does not run "
+                                           "fp16, so the run would silently compute in fp32. Use bf16 (or auto) on a CPU"])
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=on_cpu)
 
 
 def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optimizer:

@@ -70,9 +70,11 @@ class Scorer:
         self._first_traceback: dict[str, str] = {}
         self._history: deque = deque(maxlen=cfg.error_window)  # per step: {label: (errors, samples)}
 
-    def __call__(self, completions: list[str], examples: list[dict], num_tokens: list[int] | None = None) -> Scores:
+    def __call__(self, completions: list[str], examples: list[dict], num_tokens: list[int] | None = None,
+                 training: bool = True) -> Scores:
         """Score completion i against examples[i]; num_tokens[i], when given, reaches rules as
-        example["completion_tokens"]."""
+        example["completion_tokens"]. Only training batches (training=True) count towards the error window
+        that stops a run; evaluation, generation and the hack probe report their errors without it."""
         if num_tokens is not None:
             examples = [{**e, "completion_tokens": n} for e, n in zip(examples, num_tokens)]
         outcomes = self._run(self.rules, completions, examples)
@@ -95,7 +97,8 @@ class Scorer:
                     sub_metrics.setdefault(f"{rule.label}/{name}", []).append(float(number))
             per_rule[rule.label], errors[rule.label] = values, failed
             total += rule.weight * torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float32)
-        self._check_error_rate(errors, len(completions))
+        if training:
+            self._check_error_rate(errors, len(completions))
         return Scores(total=total, per_rule=per_rule, errors=errors, sub_metrics=sub_metrics)
 
     def check_canaries(self) -> None:

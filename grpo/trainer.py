@@ -45,7 +45,8 @@ from grpo.loss import policy_loss
 from grpo.model import load_tokenizer
 from grpo.moe import RouterProbe, decode_routes, replay_routes, routing_drift, update_selection_bias
 from grpo.onednn import packed_linears
-from grpo.optim import make_accelerator
+from grpo.optim import make_accelerator, resolved_precision
+from grpo.probe import probe_report
 from grpo.rollout import Rollouts, concat_rollouts, generate
 from grpo.rules import user_code_digest
 from grpo.scoring import Scorer, Scores
@@ -97,6 +98,8 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, float]:
     try:
         if cfg.scoring.canary:
             scorer.check_canaries()
+        if cfg.scoring.probe_rows and accelerator.is_main_process:
+            print(probe_report(scorer, train_examples[:cfg.scoring.probe_rows], tokenizer, cfg.data.path)[0])
         return _train_loop(cfg, out, accelerator, tokenizer, train_examples, dropped, eval_examples, scorer, checkpoint)
     finally:
         scorer.close()
@@ -130,7 +133,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
             truncate_metrics(out / log_file, start_step)
     tracker = Tracker(cfg, out, cfg.train.max_steps, start_step + 1) if accelerator.is_main_process else NullTracker()
 
-    accelerator.print(f"device {accelerator.device} x {W} processes, mixed precision {cfg.train.mixed_precision}; "
+    accelerator.print(f"device {accelerator.device} x {W} processes, mixed precision {resolved_precision(cfg.train)}"
+                      f"{' (auto)' if cfg.train.mixed_precision == 'auto' else ''}; "
                       f"{len(train_examples)} training prompts ({dropped['too_long']} over-long and "
                       f"{dropped['incomplete']} incomplete rows dropped), {len(eval_examples)} eval prompts")
     accelerator.print(f"per step: {B} prompts x {G} completions = {N} completions, up to "
@@ -157,7 +161,7 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
                             resettable_reference, cfg.train.keep_last_n, **states)
         accelerator.wait_for_everyone()
 
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, step, training_seconds = 0, start_step, 0.0
     stop = StopRequest()
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
@@ -223,12 +227,16 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
             with gathered() as whole:
                 _evaluate(whole, tokenizer, eval_examples, scorer, cfg, accelerator, tracker, step)
         results.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
+        training_seconds += metrics["step_time"]
+        if cfg.train.time_limit and _any_process(accelerator, training_seconds >= cfg.train.time_limit):
+            accelerator.print(f"train.time_limit: {training_seconds:.0f} s of steps after step {step}; finishing")
+            break
 
     stop.restore()
     if eval_examples:
         with gathered() as whole:
             results["eval/accuracy_after"], samples["after"] = _evaluate(whole, tokenizer, eval_examples, scorer,
-                                                                         cfg, accelerator, tracker, cfg.train.max_steps)
+                                                                         cfg, accelerator, tracker, step)
         before = results.get("eval/accuracy_before")
         accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
                           + (f"before {before:.3f}, " if before is not None else "")

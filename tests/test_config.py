@@ -99,3 +99,25 @@ def test_a_pipeline_file_is_named_as_such(tmp_path):
     path = write(tmp_path, "stages:\n  - {name: a, run: sft}\n")
     with pytest.raises(ConfigError, match="this is a pipeline file; run it with `grpo pipeline FILE`"):
         load_config(path)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import torch
+
+    from grpo.config import TrainConfig
+    from grpo.optim import resolved_precision
+
+    cpu = TrainConfig(mixed_precision="auto", cpu=True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolved_precision(cpu) == "fp32"  # an AVX2 CPU emulates bf16, about 3x slower than fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolved_precision(cpu) == "bf16"
+    assert resolved_precision(TrainConfig(mixed_precision="fp32", cpu=True)) == "fp32"
+
+
+def test_fp16_on_a_cpu_is_refused_naming_bf16(tmp_path, capsys):
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), "train.cpu=true", "train.mixed_precision=fp16",
+                 f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.mixed_precision=fp16 needs a GPU" in err and "bf16" in err and "Traceback" not in err

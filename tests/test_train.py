@@ -1,6 +1,7 @@
 """End-to-end: tiny random model, real generation, real optimisation, real checkpoints."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -123,3 +124,15 @@ def test_sequence_level_importance_and_overlong_penalty_run(run_args):
                  "algorithm.truncated_completions=penalize", "algorithm.overlong_buffer=4"]) == 0
     for r in read_metrics(tmp_path / "run/metrics.jsonl"):
         assert r["reward_shaped"] <= r["reward"] and r["entropy"] > 0
+
+
+def test_time_limit_ends_the_run_like_max_steps(run_args, capsys):
+    """train.time_limit: after the step that passes it, the run evaluates and saves its final model."""
+    tmp_path, args = run_args
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "train.max_steps=50",
+                 "train.time_limit=0.001", "train.save_every=0"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1]
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 1]
+    assert re.search(r"train.time_limit: \d+ s of steps after step 1; finishing", capsys.readouterr().out)
+    assert (tmp_path / "run/final/config.json").is_file()
