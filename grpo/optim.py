@@ -7,6 +7,8 @@ import dataclasses
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from grpo.config import ConfigError
@@ -35,7 +37,18 @@ def make_accelerator(train_cfg) -> Accelerator:
     if precision == "fp16" and on_cpu:
         raise ConfigError("this machine", ["train.mixed_precision=fp16 needs a GPU: on a CPU autocast does not run "
                                            "fp16, so the run would silently compute in fp32. Use bf16 (or auto) on a CPU"])
-    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=on_cpu)
+    precision = {"fp32": "no"}.get(precision, precision)
+    _allow_new_precision(precision)
+    return Accelerator(mixed_precision=precision, cpu=on_cpu)
+
+
+def _allow_new_precision(precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed
+    precision; a later run in the same process (a pipeline stage, a test) may need one. A single-process state
+    is reset for it; a distributed one is left alone (its launcher fixed the precision for every process)."""
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, precision) and state.get("distributed_type") == DistributedType.NO:
+        AcceleratorState._reset_state()
 
 
 def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optimizer:

@@ -241,6 +241,8 @@ def _train_loop(cfg: Config, out: Path, accelerator: Accelerator, tokenizer, tra
         accelerator.print(f"held-out accuracy ({len(eval_examples)} prompts, greedy): "
                           + (f"before {before:.3f}, " if before is not None else "")
                           + f"after {results['eval/accuracy_after']:.3f}\n" + format_samples(samples))
+        if accelerator.is_main_process:
+            (out / "eval_samples.json").write_text(json.dumps(samples, indent=1))
     weights = models.whole_weights()  # collective when sharded
     if accelerator.is_main_process:
         save_model(out / "final", model, tokenizer, weights)
@@ -404,9 +406,18 @@ def _update(policy, optimizer, scheduler, rollouts: Rollouts, loss_mask, advanta
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)  # DeepSpeed: the norm its step clipped
     metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    metrics["skipped_update"] = float(not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])))
-    if not metrics["skipped_update"]:  # a NaN or inf loss or gradient never reaches the weights
-        optimizer.step()
+    finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    if accelerator.scaler is not None:  # fp16: the scaler skips a non-finite step itself and must see every step
+        scale = accelerator.scaler.get_scale()
+        optimizer.step()  # unscaled by clip_grad_norm_ above; skipped on inf/NaN, then the scale is updated
+        skipped = accelerator.scaler.get_scale() < scale  # it backs off exactly when it skipped (a fused AdamW
+        # skips inside its kernel, which accelerate's step_was_skipped does not see)
+    else:
+        skipped = not finite
+        if finite:  # a NaN or inf loss or gradient never reaches the weights
+            optimizer.step()
+    metrics["skipped_update"] = float(skipped)
+    if not skipped:
         scheduler.step()
         if cfg.moe.bias_update_speed:
             for name, load in probe.loads().items():

@@ -136,3 +136,12 @@ def test_time_limit_ends_the_run_like_max_steps(run_args, capsys):
     assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 1]
     assert re.search(r"train.time_limit: \d+ s of steps after step 1; finishing", capsys.readouterr().out)
     assert (tmp_path / "run/final/config.json").is_file()
+
+
+def test_runs_with_different_precisions_in_one_process(run_args):
+    """A pipeline runs stages in one process; accelerate would refuse a second precision there."""
+    tmp_path, args = run_args
+    for precision in ["fp32", "bf16", "fp32"]:
+        assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "train.max_steps=1", "eval.path=null",
+                     "train.save_every=0", f"train.mixed_precision={precision}",
+                     f"train.output_dir={tmp_path / precision}"]) == 0
