@@ -283,3 +283,18 @@ def test_math_verify_failures_are_errors_not_wrong_answers(monkeypatch):
         ["<answer>\\frac{1}{2}</answer>", "<answer>7</answer>"], [{"answer": "0.5"}, {"answer": "7"}])
     assert scores.per_rule["accuracy"] == [None, 1.0]  # the plain number needs no math-verify
     assert scores.metrics()["reward/accuracy/errors"] == 1.0
+
+
+def test_worker_start_up_is_never_charged_to_a_sample(tmp_path, monkeypatch):
+    """Importing this rule takes 1.5 s, longer than the 1 s timeout: the pool warms its worker before the first
+    task and a replacement before its next one, so only the hanging sample times out."""
+    (tmp_path / "slow_import.py").write_text(
+        "import time\ntime.sleep(1.5)\n\ndef rule(completion, example):\n"
+        "    if completion == 'hang':\n        time.sleep(600)\n    return float(len(completion))\n")
+    monkeypatch.chdir(tmp_path)
+    scorer = Scorer([RewardSpec(fn="slow_import.py:rule")], ScoringConfig(workers=1, timeout=1.0,
+                                                                           max_error_fraction=1.0))
+    try:
+        assert scorer(["a", "hang", "abc", "hang", "abcd"], [{}] * 5).per_rule["rule"] == [1.0, None, 3.0, None, 4.0]
+    finally:
+        scorer.close()
