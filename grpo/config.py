@@ -22,8 +22,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from grpo.errors import UserError
 
-class ConfigError(Exception):
+
+class ConfigError(UserError):
     """Every problem found in a config, each with where it is and how to fix it."""
 
     def __init__(self, source: str, problems: list[str]):
@@ -347,9 +349,69 @@ def describe() -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (safe_load), apply `a.b=c` overrides, and build a validated `Config`."""
+    """Read a YAML file (safe_load), apply `a.b=c` overrides, and build a validated `Config` whose local
+    inputs (data files and their columns, a local model folder) exist."""
     source = str(path) if path else "<defaults>"
-    return _config_from_raw(_read_yaml(path) if path is not None else {}, overrides, source)
+    cfg = _config_from_raw(_read_yaml(path) if path is not None else {}, overrides, source)
+    problems = check_inputs(cfg, Path(path).read_text() if path is not None else "")
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def check_inputs(cfg: Config, config_text: str = "") -> list[str]:
+    """Cheap checks of what a run will read, without loading it: local data files exist and their first row has
+    the configured columns; a local model folder exists. `config_text` (the YAML, comments included) lets a
+    missing model be matched to the command in the config's header that makes it."""
+    problems = []
+    for key, path, columns in [("data.path", cfg.data.path, (cfg.data.prompt_column, cfg.data.answer_column)),
+                               ("eval.path", cfg.eval.path, (cfg.data.prompt_column, cfg.data.answer_column))]:
+        if path is None or Path(path).suffix not in _DATA_SUFFIXES:
+            continue  # a hub dataset or folder: checked when it loads
+        if not Path(path).is_file():
+            problems.append(f"{key}: file {path} does not exist (relative paths start at {Path.cwd()})")
+            continue
+        try:
+            first = _first_row_columns(Path(path))
+        except ValueError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        missing = [c for c in columns if first is not None and c not in first]
+        if missing:
+            problems.append(f"{key}: the first row of {path} has no column {', '.join(map(repr, missing))} (it has "
+                            f"{sorted(first)}); set data.prompt_column / data.answer_column to the right names")
+    name = cfg.model.name_or_path
+    makers = [line.lstrip("# ").strip() for line in config_text.splitlines()
+              if line.lstrip().startswith("#") and "python " in line and name in line]
+    local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith(".gguf") or makers
+    if local and not Path(name).expanduser().exists():
+        fix = f"make it first: {makers[0]}" if makers else "point it at a model folder, a .gguf file or a hub id"
+        problems.append(f"model.name_or_path: {name} does not exist (under {Path.cwd()}); {fix}")
+    return problems
+
+
+def _first_row_columns(path: Path) -> set[str] | None:
+    """Column names of the first row of a .jsonl or .csv file; None where that takes more than a line to know."""
+    import csv
+    import json
+
+    if path.suffix not in (".jsonl", ".csv"):
+        return None
+    with open(path, newline="") as f:
+        if path.suffix == ".csv":
+            return set(next(csv.reader(f), []))
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"the first row of {path} is not JSON ({e.msg}); each line is one JSON "
+                                     "object") from None
+                return set(row) if isinstance(row, dict) else set()
+    return set()
 
 
 def _read_yaml(path: str | Path) -> dict:

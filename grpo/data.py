@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from grpo.errors import UserError
+
 import torch
 
 # The prompt of DeepSeek-R1-Zero (DeepSeek-R1 paper, table 1); the completion starts inside the think block.
@@ -23,7 +25,7 @@ R1_ZERO_TEMPLATE = (
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the data, naming the file, row and column."""
 
 

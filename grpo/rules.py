@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,7 +65,14 @@ def load_function(ref: str) -> Callable:
         if module_name not in sys.modules:
             spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except SyntaxError as e:
+                raise ValueError(f"{where}:{e.lineno}: syntax error: {e.msg}\n    {(e.text or '').strip()}") from None
+            except Exception as e:  # the file's own top-level code failed: say where, keep the cause
+                line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                             if Path(f.filename).resolve() == path.resolve()), "?")
+                raise ValueError(f"{where}:{line}: importing it raised {type(e).__name__}: {e}") from e
             sys.modules[module_name] = module
         module = sys.modules[module_name]
     else:

@@ -55,6 +55,7 @@ class Scores:
             valid = [v for v in values if v is not None]
             out[f"reward/{label}"] = sum(valid) / len(valid) if valid else float("nan")
             out[f"reward/{label}/errors"] = float(self.errors[label])
+            out[f"reward/{label}/none"] = float(len(values) - len(valid) - self.errors[label])  # did not apply
         for key, values in self.sub_metrics.items():
             out[f"reward/{key}"] = sum(values) / len(values) if values else float("nan")
         return out

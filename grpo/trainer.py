@@ -350,7 +350,8 @@ def _gather_scores(accelerator: Accelerator, scores: Scores) -> Scores:
     per_rule = {k: [None if math.isnan(v) else v
                     for v in _gather(accelerator, torch.tensor([nan if v is None else v for v in values])).tolist()]
                 for k, values in scores.per_rule.items()}
-    errors = {k: int(_mean_over_processes(accelerator, n) * accelerator.num_processes) for k, n in scores.errors.items()}
+    errors = {k: int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum").item())
+              for k, n in scores.errors.items()}  # integers summed: a mean times W can lose one to rounding
     return Scores(_gather(accelerator, scores.total), per_rule, errors, scores.sub_metrics)
 
 

@@ -11,9 +11,16 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_validates(path, monkeypatch):
+def test_every_shipped_config_validates(path, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    cfg = load_config(path)
+    if path.name == "deepseek_v3_tiny.yaml" and not (ROOT / "runs/tiny-deepseek-v3").is_dir():
+        with pytest.raises(ConfigError, match="model.name_or_path: runs/tiny-deepseek-v3 does not exist .*; make it "
+                                              "first: python scripts/make_tiny_deepseek_v3.py --out runs/tiny-deepseek-v3"):
+            load_config(path)
+        (tmp_path / "model").mkdir()
+        cfg = load_config(path, [f"model.name_or_path={tmp_path / 'model'}"])
+    else:
+        cfg = load_config(path)
     assert cfg.completions_per_step % cfg.train.micro_batch_size == 0
 
 
@@ -121,3 +128,28 @@ def test_fp16_on_a_cpu_is_refused_naming_bf16(tmp_path, capsys):
                  f"train.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "train.mixed_precision=fp16 needs a GPU" in err and "bf16" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.path=/nonexistent.jsonl", "data.path: file /nonexistent.jsonl does not exist"),
+    ("data.prompt_column=prompt", "data.path: the first row of data/arithmetic/train.jsonl has no column 'prompt'"),
+    ("model.name_or_path=./no/such/model", "model.name_or_path: ./no/such/model does not exist"),
+])
+def test_validate_checks_inputs_without_loading_them(override, message, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", "configs/quickstart.yaml", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def rule(completion, example)\n    return 1.0\n", "rules.py:1: syntax error: expected ':'"),
+    ("import os\nx = 1 / 0\n", "rules.py:2: importing it raised ZeroDivisionError: division by zero"),
+])
+def test_a_broken_reward_file_is_named_by_file_and_line(tmp_path, monkeypatch, capsys, source, message):
+    (tmp_path / "rules.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(ROOT / "configs/quickstart.yaml"), f"data.path={ROOT / 'data/arithmetic/train.jsonl'}",
+                 "eval.path=null", "rewards=[{fn: 'rules.py:rule'}]", "eval.reward=rule"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -82,7 +82,7 @@ def test_grpo_rewards_probe_command(tiny_model_dir, tmp_path, monkeypatch, capsy
     (tmp_path / "hackable.py").write_text(HACKABLE)
     monkeypatch.chdir(tmp_path)
     args = ["rewards", "--probe", str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={tiny_model_dir}",
-            f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "scoring.workers=0"]
+            f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "eval.path=null", "scoring.workers=0"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "reward-hack probe on 16 rows of" in out and "warning" not in out

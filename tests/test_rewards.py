@@ -298,3 +298,14 @@ def test_worker_start_up_is_never_charged_to_a_sample(tmp_path, monkeypatch):
         assert scorer(["a", "hang", "abc", "hang", "abcd"], [{}] * 5).per_rule["rule"] == [1.0, None, 3.0, None, 4.0]
     finally:
         scorer.close()
+
+
+def test_a_rule_that_does_not_apply_is_counted_apart_from_errors():
+    """None from the rule (an unparseable gold answer) is logged as reward/<rule>/none; a raising rule's None
+    is an error; neither is a wrong answer."""
+    scores = Scorer([RewardSpec(fn="accuracy")], IN_PROCESS)(["5", "5", "6"], [{"answer": "5"}, {"answer": ""},
+                                                                                  {"answer": "5"}])
+    m = scores.metrics()
+    assert scores.per_rule["accuracy"] == [1.0, None, 0.0]
+    assert m["reward/accuracy/none"] == 1.0 and m["reward/accuracy/errors"] == 0.0
+    assert m["reward/accuracy"] == 0.5

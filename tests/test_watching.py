@@ -92,7 +92,7 @@ def test_grpo_eval_command(tiny_model_dir, capsys):
                  "--checkpoint", str(tiny_model_dir)]) == 0
     printed = capsys.readouterr()
     result = json.loads(printed.out)
-    assert set(result) == {"eval/accuracy", "eval/reward", "eval/completion_length"}
+    assert set(result) == {"eval/accuracy", "eval/errors", "eval/reward", "eval/completion_length"}
     # what the model wrote, beside the number: two held-out questions with their greedy completions
     err = printed.err.splitlines()
     lines = err[err.index("greedy completions (accuracy score):"):]
