@@ -471,8 +471,10 @@ def accumulate_gradients(policy, rollouts: Rollouts, loss_mask, advantages, old_
 
 def _group_sample(rollouts: Rollouts, scores: Scores, rewards, advantages, G: int) -> list[dict]:
     """The first group of the step, one record per completion, for completions.jsonl."""
-    return [{"prompt": rollouts.prompts[0], "completion": rollouts.texts[i], "reward": rewards[i].item(),
-             "advantage": advantages[i].item(), "rewards": {k: v[i] for k, v in scores.per_rule.items()}}
+    lengths = rollouts.completion_mask.sum(dim=1).tolist()
+    return [{"prompt": rollouts.prompts[0], "completion": rollouts.texts[i], "length": lengths[i],
+             "reward": rewards[i].item(), "advantage": advantages[i].item(),
+             "rewards": {k: v[i] for k, v in scores.per_rule.items()}}
             for i in range(min(G, len(rollouts.texts)))]
 
 

@@ -10,7 +10,7 @@ the built-ins by the keys of `BUILTINS`.
 """
 
 from rewards.format import format_reward, reasoning_steps, tag_count
-from rewards.length import cosine_length, repetition_penalty, soft_overlong
+from rewards.length import cosine_length, repetition_penalty, soft_overlong, target_length
 from rewards.math import accuracy, countdown
 
 BUILTINS = {
@@ -22,4 +22,5 @@ BUILTINS = {
     "cosine_length": cosine_length,
     "repetition_penalty": repetition_penalty,
     "soft_overlong": soft_overlong,
+    "target_length": target_length,
 }

@@ -51,3 +51,10 @@ def soft_overlong(completion: str, example: dict, max_length: int = 100, buffer:
     if over <= 0:
         return 0.0
     return -penalty * min(1.0, over / buffer) if buffer > 0 else -penalty
+
+
+@rule(correct=("one two three four", {"completion_tokens": 4}), wrong=("one", {"completion_tokens": 1}))
+def target_length(completion: str, example: dict, target: int = 4) -> float:
+    """1 - min(1, |L - target| / target): 1.0 at exactly `target` tokens, falling linearly to 0 at 0 or
+    2 x target. Shapes length alone (a model of random weights earns it too, so its groups have signal)."""
+    return 1.0 - min(1.0, abs(_length(completion, example) - target) / target)

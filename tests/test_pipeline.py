@@ -1,6 +1,7 @@
 """DeepSeek-R1's other stages: SFT with response-only loss, and rejection sampling into a dataset."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,12 +146,35 @@ def test_pipeline_errors_name_the_stage(pipeline_file):
     assert "stages[1] (cold): sft.batch: unknown key; did you mean 'sft.batch_size'?" in message
 
 
+def tiny_model_file(pipeline_file):
+    import yaml
+
+    return Path(yaml.safe_load(pipeline_file.read_text())["model"]["name_or_path"]) / "model.safetensors"
+
+
 def test_distill_runs_teacher_student_and_evaluation(pipeline_file, tmp_path):
     assert main(["distill", str(pipeline_file)]) == 0
     out = tmp_path / "out"
     assert (out / "teacher" / "generated.jsonl").is_file() and (out / "student" / "final").is_dir()
     result = json.loads((out / "student_eval" / "DONE").read_text())
-    assert 0.0 <= result["eval/accuracy"] <= 1.0
+    # the evaluation is of the fine-tuned student: its greedy completions, scored by hand with the rule
+    # (short: 1 when under 5 characters), give the logged accuracy; and the student is not the base model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.config import RolloutConfig
+    from grpo.rollout import generate
+    from safetensors.torch import load_file
+
+    student = AutoModelForCausalLM.from_pretrained(out / "student" / "final").eval()
+    tok = AutoTokenizer.from_pretrained(out / "student" / "final")
+    tok.padding_side = "left"
+    prompts = [json.loads(line) for line in open(ROOT / "data/arithmetic/test.jsonl")][:4]
+    chat = [tok.apply_chat_template([{"role": "user", "content": p["question"] + " Reply with the number only."}],
+                                    tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = generate(student, tok, chat, 1, RolloutConfig(max_completion_length=6), greedy=True).texts
+    assert result["eval/accuracy"] == pytest.approx(sum(len(t) < 5 for t in texts) / 4)
+    base, tuned = load_file(tiny_model_file(pipeline_file)), load_file(out / "student/final/model.safetensors")
+    assert any(not torch.equal(base[k], tuned[k]) for k in tuned if k in base)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/pipelines").glob("*.yaml")), ids=lambda p: p.name)

@@ -8,7 +8,7 @@ import torch
 from grpo.config import RewardSpec, ScoringConfig
 from grpo.scoring import RewardRuleError, Scorer
 from rewards.format import format_reward, reasoning_steps, tag_count
-from rewards.length import cosine_length, repetition_penalty, soft_overlong
+from rewards.length import cosine_length, repetition_penalty, soft_overlong, target_length
 from rewards.math import accuracy, countdown, gold_text
 
 from conftest import GSM8K
@@ -202,7 +202,8 @@ def short_batch(completions, examples):
 
 def test_canaries_catch_a_rule_that_scores_everything_the_same(monkeypatch):
     Scorer([RewardSpec(fn=name) for name in ["accuracy", "format", "countdown", "cosine_length",
-                                             "repetition_penalty", "soft_overlong", "reasoning_steps", "tag_count"]],
+                                             "repetition_penalty", "soft_overlong", "reasoning_steps", "tag_count",
+                                             "target_length"]],
            IN_PROCESS).check_canaries()
     import rewards
     from rewards.base import rule
@@ -309,3 +310,8 @@ def test_a_rule_that_does_not_apply_is_counted_apart_from_errors():
     assert scores.per_rule["accuracy"] == [1.0, None, 0.0]
     assert m["reward/accuracy/none"] == 1.0 and m["reward/accuracy/errors"] == 0.0
     assert m["reward/accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("tokens, expected", [(8, 1.0), (6, 0.75), (12, 0.5), (0, 0.0), (16, 0.0), (40, 0.0)])
+def test_target_length_by_hand(tokens, expected):
+    assert target_length("x", {"completion_tokens": tokens}, target=8) == expected

@@ -123,7 +123,12 @@ def test_sequence_level_importance_and_overlong_penalty_run(run_args):
                  "algorithm.importance_level=sequence", "algorithm.num_iterations=2",
                  "algorithm.truncated_completions=penalize", "algorithm.overlong_buffer=4"]) == 0
     for r in read_metrics(tmp_path / "run/metrics.jsonl"):
-        assert r["reward_shaped"] <= r["reward"] and r["entropy"] > 0
+        assert r["entropy"] > 0
+    # by hand: max_completion_length 8, buffer 4, penalty 1 -> -(L - 4) / 4 for L > 4, on top of the rules' total
+    for group in read_metrics(tmp_path / "run/completions.jsonl"):
+        for c in group["completions"]:
+            raw = sum(v * w for v, w in zip(c["rewards"].values(), [1.0, 0.5]) if v is not None)
+            assert c["reward"] == pytest.approx(raw - max(0, c["length"] - 4) / 4, abs=1e-6)
 
 
 def test_time_limit_ends_the_run_like_max_steps(run_args, capsys):

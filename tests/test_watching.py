@@ -47,7 +47,7 @@ def test_completions_and_eval_records(offline_run):
     assert [g["step"] for g in groups] == [1, 2, 3]
     first = groups[0]
     assert "<|im_start|>user" in first["prompt"] and len(first["completions"]) == 4
-    assert set(first["completions"][0]) == {"completion", "reward", "advantage", "rewards"}
+    assert set(first["completions"][0]) == {"completion", "length", "reward", "advantage", "rewards"}
     assert sum(c["advantage"] for c in first["completions"]) == pytest.approx(0.0, abs=1e-5)
     evals = [json.loads(line) for line in (offline_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if "eval/accuracy" in r] == [0, 2, 3]
@@ -62,6 +62,18 @@ def test_report_writes_images_and_html(offline_run, capsys):
     assert all((folder / name).stat().st_size > 5000 for name in images)
     page = (folder / "index.html").read_text()
     assert "reward.png" in page and "Completions at step 3" in page
+    # what the page says comes from the run: first and last reward, every eval accuracy, the last group's text
+    import html as html_lib
+
+    records = [json.loads(line) for line in (offline_run / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in records if "reward" in r]
+    assert f"<tr><td>reward</td><td>{rewards[0]:.4g}</td><td>{rewards[-1]:.4g}</td></tr>" in page
+    for r in records:
+        if "eval/accuracy" in r:
+            assert f"eval/accuracy at step {r['step']}</td><td colspan=2>{r['eval/accuracy']:.4g}" in page
+    last = json.loads((offline_run / "completions.jsonl").read_text().splitlines()[-1])
+    for c in last["completions"]:
+        assert f"<pre>{html_lib.escape(c['completion'])}</pre>" in page
     assert main(["report", str(offline_run / "nope")]) == 2
 
 
