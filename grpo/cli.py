@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import os
 import sys
@@ -150,12 +151,18 @@ def _run(args, parser) -> int:
 
     try:
         train(cfg, resume=args.resume)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no process tears its process group down while another still talks to it
     except BaseException as e:
         if world > 1:  # the launcher stops the other processes when this one exits
             print(f"rank {os.environ.get('RANK', 0)} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     finally:
         if dist.is_available() and dist.is_initialized():
+            # Free the DDP reducer and any gloo work it still holds while the interpreter is whole: gloo's C++
+            # threads releasing tensors during interpreter teardown abort the process ("terminate called
+            # without an active exception").
+            gc.collect()
             dist.destroy_process_group()
     return 0
 
