@@ -195,7 +195,7 @@ class TrainConfig:
     """Seed for data order, sampling and initialisation."""
     mixed_precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     """Compute precision (autocast) for generation and training; bf16 pays on GPUs and CPUs with AVX-512 BF16
-    (elsewhere a CPU emulates it, about 3x slower than fp32). auto: bf16 where the hardware computes it natively
+    (elsewhere a CPU emulates it, slower than fp32). auto: bf16 where the hardware computes it natively
     (a bf16-capable GPU, a CPU with AVX-512 BF16 or AMX), else fp32. fp16 needs a GPU."""
     share_prompt: bool = True
     """Run each group's prompt through the model once and let its G completions attend to it (exact)."""

@@ -1,7 +1,8 @@
 """Regenerate the learning numbers quoted in README.md and docs/pipeline.md, with the commit and date they ran on.
 
-    python scripts/learning_numbers.py quickstart           # -> docs/results/quickstart.md
+    python scripts/learning_numbers.py quickstart           # -> docs/results/quickstart.md (--render: from the last run)
     python scripts/learning_numbers.py distill --seeds 3    # -> docs/results/distill.md (needs quickstart first)
+    python scripts/learning_numbers.py moe                  # -> docs/results/moe.md
 
 Each table is measured by running the `grpo` commands a user runs, in fresh processes, on this machine; held-out
 accuracy is `accuracy` (the value a completion states, docs/rewards.md) on the 100 held-out sums, greedy. Sample
@@ -11,6 +12,8 @@ quickstart: `grpo train configs/quickstart.yaml`, timed end to end (model loadin
 distill: for each seed, the quickstart's model (teacher) samples answers for 256 training questions, the best
 correct one per question fine-tunes the base model (`grpo distill`); then GRPO trains the base model with the
 same seed for the same wall-clock time as that distillation took (`train.time_limit`), and both are evaluated.
+moe: configs/deepseek_v3_tiny.yaml on the tiny random DeepSeek-V3, 20 steps without and with auxiliary-loss-free
+balancing (moe.bias_update_speed=0.01): routing metrics and rewards, mean of steps 1-5 and 16-20.
 """
 
 from __future__ import annotations
@@ -71,16 +74,22 @@ def sample_lines(samples: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def quickstart(_args) -> None:
+def quickstart(args) -> None:
     run = RUNS / "quickstart"
-    seconds, out = grpo("train", "configs/quickstart.yaml", f"train.output_dir={run}")
+    if not args.render:
+        seconds, out = grpo("train", "configs/quickstart.yaml", f"train.output_dir={run}")
+        (run / "command.json").write_text(json.dumps({"seconds": seconds, "stdout": out, "provenance": provenance()}))
+    command = json.loads((run / "command.json").read_text())
+    seconds = command["seconds"]
     steps = [r for r in records(run) if "loss" in r]
     before, after = held_out(run)
-    precision = next(line for line in out.splitlines() if line.startswith("device ")).split("mixed precision ")[1]
+    device = next(line for line in command["stdout"].splitlines() if line.startswith("device "))
+    precision = device.split("mixed precision ")[1].split(";")[0]
     reward_at = {r["step"]: r["reward"] for r in steps}
     last_group = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()][-1]
+    question = last_group["prompt"].split("user\n")[-1].split("<|im_end|>")[0]
     text = [
-        "# The quickstart, measured", "", provenance(), "",
+        "# The quickstart, measured", "", command["provenance"], "",
         f"`make quickstart` = `grpo train configs/quickstart.yaml`: {len(steps)} steps, mixed precision {precision}.", "",
         "| | held-out accuracy (100 sums, greedy, `accuracy`) |", "|---|---|",
         f"| before training | {before:.2f} |", f"| after {len(steps)} steps | {after:.2f} |", "",
@@ -92,8 +101,7 @@ def quickstart(_args) -> None:
         f"{int(seconds // 60)} min {seconds % 60:.0f} s.", "",
         "Greedy completions on held-out sums, before and after:", "",
         *sample_lines(json.loads((run / "eval_samples.json").read_text())), "",
-        f"Sampled completions at step {last_group['step']} ({last_group['prompt'].split('user')[-1].strip()[:60]!r}):",
-        "",
+        f"Sampled completions at step {last_group['step']} ({question!r}):", "",
         *[f"- `{c['completion']!r}` reward {c['reward']}" for c in last_group["completions"]], "",
     ]
     write("quickstart.md", text)
@@ -143,6 +151,29 @@ def distill(args) -> None:
     write("distill.md", text)
 
 
+def moe(_args) -> None:
+    model = RUNS / "tiny-deepseek-v3"
+    if not model.is_dir():
+        subprocess.run([sys.executable, "scripts/make_tiny_deepseek_v3.py", "--out", str(model)], cwd=ROOT, check=True)
+    keys = ["reward", "reward/target_length", "moe/load_imbalance", "moe/router_entropy", "moe/max_load",
+            "moe/routing_drift", "grad_norm"]
+    rows = []
+    for label, extra in [("no balancing", []), ("moe.bias_update_speed=0.01", ["moe.bias_update_speed=0.01"])]:
+        run = RUNS / f"moe-{'balanced' if extra else 'plain'}"
+        seconds, _ = grpo("train", "configs/deepseek_v3_tiny.yaml", f"model.name_or_path={model}",
+                          f"train.output_dir={run}", "train.max_steps=20", *extra)
+        steps = [r for r in records(run) if "loss" in r]
+        early, late = steps[:5], steps[-5:]
+        rows.append(f"| {label} | " + " | ".join(
+            f"{statistics.mean(r[k] for r in early):.3g} -> {statistics.mean(r[k] for r in late):.3g}" for k in keys)
+            + f" | {seconds:.0f} s |")
+    text = ["# DeepSeek-V3 (tiny, random weights) under GRPO: routing with and without balancing", "", provenance(), "",
+            "`grpo train configs/deepseek_v3_tiny.yaml train.max_steps=20` on the model "
+            "`scripts/make_tiny_deepseek_v3.py` writes; each cell is the mean of steps 1-5 -> the mean of steps 16-20.",
+            "", "| run | " + " | ".join(keys) + " | command |", "|---" * (len(keys) + 2) + "|", *rows, ""]
+    write("moe.md", text)
+
+
 def write(name: str, lines: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text("\n".join(lines))
@@ -153,10 +184,13 @@ def write(name: str, lines: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="table", required=True)
-    sub.add_parser("quickstart").set_defaults(run=quickstart)
+    q = sub.add_parser("quickstart")
+    q.add_argument("--render", action="store_true", help="write the table from the last run, without training")
+    q.set_defaults(run=quickstart)
     d = sub.add_parser("distill")
     d.add_argument("--seeds", type=int, default=3)
     d.set_defaults(run=distill)
+    sub.add_parser("moe").set_defaults(run=moe)
     args = parser.parse_args()
     args.run(args)
 
