@@ -39,12 +39,12 @@ def run_task(rule, completions: list[str], examples: list[dict]) -> list[Outcome
 
 
 def _worker(conn, specs) -> None:
-    from grpo.rules import resolve_rule
+    from grpo.rules import canary_samples, resolve_rule
 
     rules = [resolve_rule(s) for s in specs]
     for rule in rules:  # warm: imports and first-call caches (math-verify, sympy) before any timed task
         if rule.canary is not None:
-            samples = [rule.canary[0], *rule.canary[1]]
+            samples = canary_samples(rule)
             run_task(rule, [c for c, _ in samples], [e for _, e in samples])  # outcomes unused: the scorer
             # checks canaries itself and reports a failing one
     conn.send(("ready",))

@@ -34,6 +34,12 @@ class Rule:
     ref: str  # the configured `fn:` text
 
 
+def canary_samples(rule: Rule) -> list[tuple[str, dict]]:
+    """The rule's canary (completion, example) pairs: the correct one first, then every wrong one."""
+    correct, wrongs = rule.canary
+    return [correct, *wrongs]
+
+
 def resolve_rule(spec) -> Rule:
     """The `Rule` for one RewardSpec. Raises ValueError saying what to fix."""
     fn = load_function(spec.fn)

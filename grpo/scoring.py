@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from grpo.reward_pool import RewardPool, run_task
-from grpo.rules import Rule, resolve_rule
+from grpo.rules import Rule, canary_samples, resolve_rule
 
 
 class RewardRuleError(RuntimeError):
@@ -107,8 +107,8 @@ class Scorer:
         for rule in self.rules:
             if rule.canary is None:
                 continue
-            (good, good_example), wrongs = rule.canary
-            samples = [(good, good_example), *wrongs]
+            samples = canary_samples(rule)
+            (good, _), wrongs = samples[0], samples[1:]
             outcomes = self._run([rule], [c for c, _ in samples], [e for _, e in samples])[0]
             scored = [_check_value(rule.label, p)[0] if kind == "ok" else None for kind, p in outcomes]
             for (bad, _), (kind, payload), value in zip(wrongs, outcomes[1:], scored[1:]):
