@@ -54,7 +54,12 @@ def soft_overlong(completion: str, example: dict, max_length: int = 100, buffer:
 
 
 @rule(correct=("one two three four", {"completion_tokens": 4}), wrong=("one", {"completion_tokens": 1}))
-def target_length(completion: str, example: dict, target: int = 4) -> float:
-    """1 - min(1, |L - target| / target): 1.0 at exactly `target` tokens, falling linearly to 0 at 0 or
-    2 x target. Shapes length alone (a model of random weights earns it too, so its groups have signal)."""
-    return 1.0 - min(1.0, abs(_length(completion, example) - target) / target)
+def target_length(completion: str, example: dict, target: int = 4, unit: str = "tokens") -> float:
+    """1 - min(1, |L - target| / target): 1.0 at exactly `target`, falling linearly to 0 at 0 or 2 x target.
+    L counts tokens (unit="tokens") or characters (unit="chars"). Shapes length alone, so a model of random
+    weights earns it too; such a model rarely stops before the token limit, so there use characters, which
+    still differ between its completions."""
+    if unit not in ("tokens", "chars"):
+        raise ValueError(f"target_length: unit must be 'tokens' or 'chars', got {unit!r}")
+    length = len(completion) if unit == "chars" else _length(completion, example)
+    return 1.0 - min(1.0, abs(length - target) / target)

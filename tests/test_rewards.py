@@ -315,3 +315,4 @@ def test_a_rule_that_does_not_apply_is_counted_apart_from_errors():
 @pytest.mark.parametrize("tokens, expected", [(8, 1.0), (6, 0.75), (12, 0.5), (0, 0.0), (16, 0.0), (40, 0.0)])
 def test_target_length_by_hand(tokens, expected):
     assert target_length("x", {"completion_tokens": tokens}, target=8) == expected
+    assert target_length("x" * tokens, {"completion_tokens": 1}, target=8, unit="chars") == expected
