@@ -362,6 +362,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A filesystem path rather than a hub id (`org/name`): absolute, relative with ./ or ../, ~, or deeper
+    than one slash."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+
+
 def check_inputs(cfg: Config, config_text: str = "") -> list[str]:
     """Cheap checks of what a run will read, without loading it: local data files exist and their first row has
     the configured columns; a local model folder exists. `config_text` (the YAML, comments included) lets a
@@ -386,7 +392,7 @@ def check_inputs(cfg: Config, config_text: str = "") -> list[str]:
     name = cfg.model.name_or_path
     makers = [line.lstrip("# ").strip() for line in config_text.splitlines()
               if line.lstrip().startswith("#") and "python " in line and name in line]
-    local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith(".gguf") or makers
+    local = looks_local(name) or name.endswith(".gguf") or makers
     if local and not Path(name).expanduser().exists():
         fix = f"make it first: {makers[0]}" if makers else "point it at a model folder, a .gguf file or a hub id"
         problems.append(f"model.name_or_path: {name} does not exist (under {Path.cwd()}); {fix}")

@@ -7,6 +7,7 @@ Knows nothing of training or data.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo.config import looks_local
 from grpo.errors import UserError
 
 BUILTIN_MODELS = {
@@ -27,12 +29,7 @@ class ModelNotFound(UserError, FileNotFoundError):
     """model.name_or_path names neither a local model nor one the hub can give."""
 
 
-def looks_local(name_or_path: str) -> bool:
-    """A filesystem path rather than a hub id (`org/name`): absolute, relative with ./ or ../, ~, or deeper
-    than one slash."""
-    return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
-
-
+@functools.cache  # the tokenizer and the model both resolve the name: ask the hub once (failures are not kept)
 def check_hub_model(name: str) -> None:
     """Fail within seconds, with one message, when `name` is not a local folder and the hub cannot give it
     (instead of transformers' minute of retries and a traceback). A model already in the hub cache passes."""
