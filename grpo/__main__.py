@@ -1,5 +1,5 @@
 import sys
 
-from grpo.cli import main
+from grpo.commands.cli import main
 
 sys.exit(main())

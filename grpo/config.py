@@ -120,7 +120,7 @@ class ScoringConfig:
     canary: bool = True
     """At start-up, check that each rule scores its declared correct sample above its wrong one."""
     probe_rows: int = 16
-    """Training rows the reward-hack probe scores at start-up (grpo.probe; a table, and a warning for each
+    """Training rows the reward-hack probe scores at start-up (grpo.scoring.probe; a table, and a warning for each
     gaming pattern that earns more than half of what gold answers earn); 0 skips it."""
 
 
@@ -212,7 +212,7 @@ class TrainConfig:
     layers through oneDNN with weights packed once per step (equal to rounding; about 2x faster decoding)."""
     reuse_host_memory: bool = True
     """CPU only: glibc malloc keeps freed large blocks for reuse instead of returning them to the kernel, so
-    each micro-batch's tensors do not page-fault in again (`grpo.allocator`; process-wide)."""
+    each micro-batch's tensors do not page-fault in again (`grpo.backend.allocator`; process-wide)."""
 
 
 @dataclass(frozen=True)
@@ -656,7 +656,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_combinations(cfg: Config) -> list[str]:
-    from grpo.rules import resolve_rule  # rules resolve at load time so `grpo validate` catches them
+    from grpo.scoring.rules import resolve_rule  # rules resolve at load time so `grpo validate` catches them
 
     p = []
     r, t, a, o, e = cfg.rollout, cfg.train, cfg.algorithm, cfg.optim, cfg.eval

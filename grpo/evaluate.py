@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.rollout import generate
+from grpo.rollout.builtin import generate
 
 SAMPLES = 2  # greedy completions kept for printing
 
@@ -77,9 +77,9 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
 def evaluate_checkpoint(cfg, checkpoint: str | None) -> Evaluation:
     """`grpo eval`: evaluate a saved model (or cfg.model when checkpoint is None) on cfg.eval.path."""
     from grpo.data import load_examples
-    from grpo.model import load_model, load_tokenizer
-    from grpo.optim import make_accelerator, model_config_for
-    from grpo.scoring import Scorer
+    from grpo.modeling.loading import load_model, load_tokenizer
+    from grpo.backend.accelerator import make_accelerator, model_config_for
+    from grpo.scoring.scorer import Scorer
 
     if cfg.eval.path is None:
         raise ValueError("eval.path is not set: name the held-out prompts, e.g. eval.path=data/gsm8k/test.jsonl")

@@ -32,26 +32,26 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from grpo.allocator import keep_freed_memory
-from grpo.advantages import (group_advantages, informative_groups, overlong_penalty, sequence_kl,
+from grpo.backend.allocator import keep_freed_memory
+from grpo.algo.advantages import (group_advantages, informative_groups, overlong_penalty, sequence_kl,
                              zero_std_fraction)
-from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from grpo.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from grpo.config import Config, check_resume, to_yaml
 from grpo.data import PromptSampler, load_examples
-from grpo.engines import prepare_models
+from grpo.backend.base import prepare_models
 from grpo.evaluate import evaluate, format_samples
-from grpo.logprobs import LogprobModel, rollout_logprobs
-from grpo.loss import policy_loss
-from grpo.model import load_tokenizer
-from grpo.moe import RouterProbe, decode_routes, replay_routes, routing_drift, update_selection_bias
-from grpo.onednn import packed_linears
-from grpo.optim import make_accelerator, resolved_precision
-from grpo.probe import probe_report
-from grpo.rollout import Rollouts, concat_rollouts, generate
-from grpo.rules import user_code_digest
-from grpo.scoring import Scorer, Scores
-from grpo import zero
-from grpo.tracking import NullTracker, Tracker, truncate_metrics
+from grpo.modeling.logprobs import LogprobModel, rollout_logprobs
+from grpo.algo.loss import policy_loss
+from grpo.modeling.loading import load_tokenizer
+from grpo.hooks.moe import RouterProbe, decode_routes, replay_routes, routing_drift, update_selection_bias
+from grpo.backend.onednn import packed_linears
+from grpo.backend.accelerator import make_accelerator, resolved_precision
+from grpo.scoring.probe import probe_report
+from grpo.rollout.builtin import Rollouts, concat_rollouts, generate
+from grpo.scoring.rules import user_code_digest
+from grpo.scoring.scorer import Scorer, Scores
+from grpo.backend import deepspeed as zero
+from grpo.io.tracking import NullTracker, Tracker, truncate_metrics
 
 
 class PhaseTimer:

@@ -43,9 +43,9 @@ def parse_args(argv=None):
 
 def prepare(workdir: Path, n_prompts: int) -> None:
     """The shared model folder and prompt file."""
-    from grpo.checkpoint import save_model
+    from grpo.io.checkpoint import save_model
     from grpo.config import ModelConfig
-    from grpo.model import load_model, load_tokenizer
+    from grpo.modeling.loading import load_model, load_tokenizer
 
     save_model(workdir / "model", load_model(ModelConfig()), load_tokenizer(ModelConfig()))
     rows = [json.loads(line) for line in open(ROOT / "data/gsm8k/train.jsonl")][:n_prompts]

@@ -30,7 +30,7 @@ if source:
     tokenizer = AutoTokenizer.from_pretrained(source)
 else:
     from grpo.config import ModelConfig
-    from grpo.model import load_tokenizer
+    from grpo.modeling.loading import load_tokenizer
     tokenizer = load_tokenizer(ModelConfig())
 config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,

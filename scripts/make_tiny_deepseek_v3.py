@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/tiny-deepseek-v3")
     args = parser.parse_args()
     from grpo.config import ModelConfig
-    from grpo.model import load_tokenizer
+    from grpo.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     model = tiny_deepseek_v3(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)

@@ -45,7 +45,7 @@ def mixed_rollouts():
     """(tiny Llama, 16 sampled rollouts of 4 prompts x 4): two generation rounds with different prompt widths,
     concatenated as dynamic sampling does, completions of different lengths (at most 7 tokens)."""
     from grpo.config import RolloutConfig
-    from grpo.rollout import concat_rollouts, generate
+    from grpo.rollout.builtin import concat_rollouts, generate
 
     tok = make_tokenizer()
     tok.padding_side = "left"

@@ -44,6 +44,6 @@ def make_cpu_engine_accelerator(train_cfg):
 grpo.trainer.make_accelerator = make_cpu_engine_accelerator
 
 if __name__ == "__main__":
-    from grpo.cli import main
+    from grpo.commands.cli import main
 
     sys.exit(main())

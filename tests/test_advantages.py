@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from grpo.advantages import group_advantages, zero_std_fraction
+from grpo.algo.advantages import group_advantages, zero_std_fraction
 
 
 def test_group_scale_matches_hand_computed_values():

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from grpo.advantages import group_advantages, informative_groups, overlong_penalty, sequence_kl
+from grpo.algo.advantages import group_advantages, informative_groups, overlong_penalty, sequence_kl
 from grpo.config import Config, RolloutConfig, TrainConfig, AlgorithmConfig
-from grpo.logprobs import rollout_logprobs, token_logprobs
+from grpo.modeling.logprobs import rollout_logprobs, token_logprobs
 from grpo.trainer import accumulate_gradients
 
 
@@ -72,7 +72,7 @@ def test_micro_batched_gradients_equal_one_big_batch(mixed_rollouts, loss_type):
 
 
 def test_truncated_completions_options():
-    from grpo.rollout import Rollouts
+    from grpo.rollout.builtin import Rollouts
     from grpo.trainer import _shape_rewards
 
     r = Rollouts(prompt_ids=torch.zeros(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.long),

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from grpo.cli import main
+from grpo.commands.cli import main
 
 from conftest import ROOT
 

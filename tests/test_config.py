@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo.cli import main
+from grpo.commands.cli import main
 from grpo.config import ConfigError, load_config, to_yaml
 
 from conftest import ROOT
@@ -112,7 +112,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     import torch
 
     from grpo.config import TrainConfig
-    from grpo.optim import resolved_precision
+    from grpo.backend.accelerator import resolved_precision
 
     cpu = TrainConfig(mixed_precision="auto", cpu=True)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

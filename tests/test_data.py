@@ -2,7 +2,7 @@ import pytest
 
 from grpo.config import DataConfig
 from grpo.data import R1_ZERO_TEMPLATE, DataError, PromptSampler, build_examples, format_prompt, load_rows
-from grpo.model import resolve_source
+from grpo.modeling.loading import resolve_source
 
 from conftest import GSM8K
 

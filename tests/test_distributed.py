@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import grpo.logprobs
+import grpo.modeling.logprobs
 from grpo.trainer import train
 from grpo.config import load_config
 
@@ -140,7 +140,7 @@ def test_deepspeed_zero3_processes_match_one_and_resume(tiny_model_dir, rules, t
     logits head (the fused head reads the weight outside the head's forward, where ZeRO-3 has no weight).
     The one-process run takes the same plain head, so both sum in the same order."""
     pytest.importorskip("deepspeed")
-    monkeypatch.setattr(grpo.logprobs, "PLAIN_HEAD_MODELS", frozenset())
+    monkeypatch.setattr(grpo.modeling.logprobs, "PLAIN_HEAD_MODELS", frozenset())
     one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo")
     train(load_config(one[0], one[1:]))
     accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo"))
@@ -151,7 +151,7 @@ def test_deepspeed_zero3_processes_match_one_and_resume(tiny_model_dir, rules, t
 
 
 def test_sharded_engines_refuse_whole_weight_options_by_name():
-    from grpo.engines import _refuse_whole_weight_options
+    from grpo.backend.base import _refuse_whole_weight_options
 
     cfg = load_config(None, ["algorithm.beta=0.04", "algorithm.ref_reset_every=2", "moe.routing_replay=true"])
     with pytest.raises(ValueError, match=r"algorithm.ref_reset_every, moe.routing_replay: not supported under FSDP"):

@@ -1,13 +1,13 @@
-"""The fused head (grpo.head): hand-computed values, and equality with the plain logits -> log-softmax path."""
+"""The fused head (grpo.modeling.head): hand-computed values, and equality with the plain logits -> log-softmax path."""
 
 import math
 
 import pytest
 import torch
 
-import grpo.logprobs
-from grpo.head import HeadLogprobs, head_logprobs
-from grpo.logprobs import rollout_logprobs
+import grpo.modeling.logprobs
+from grpo.modeling.head import HeadLogprobs, head_logprobs
+from grpo.modeling.logprobs import rollout_logprobs
 
 
 def test_two_token_vocabulary_by_hand():
@@ -91,8 +91,8 @@ def test_model_log_probs_and_gradients_equal_the_full_logits_path(mixed_rollouts
     results = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(grpo.logprobs, "PLAIN_HEAD_MODELS", frozenset())
-        assert (grpo.logprobs.split_head(model) is not None) == fused
+            monkeypatch.setattr(grpo.modeling.logprobs, "PLAIN_HEAD_MODELS", frozenset())
+        assert (grpo.modeling.logprobs.split_head(model) is not None) == fused
         model.zero_grad()
         entropy = []
         lp = torch.cat([rollout_logprobs(model, r, slice(s, s + 6), 4, 0.8, share_prompt, entropy)

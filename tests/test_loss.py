@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from grpo.loss import kl_per_token, policy_loss
+from grpo.algo.loss import kl_per_token, policy_loss
 
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
 

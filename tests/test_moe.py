@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from grpo.cli import main
-from grpo.logprobs import rollout_logprobs
-from grpo.moe import RouterProbe, routing_metrics
+from grpo.commands.cli import main
+from grpo.modeling.logprobs import rollout_logprobs
+from grpo.hooks.moe import RouterProbe, routing_metrics
 from grpo.config import RolloutConfig
-from grpo.rollout import generate
+from grpo.rollout.builtin import generate
 
 from conftest import ROOT, make_tokenizer
 
@@ -82,7 +82,7 @@ def test_deepseek_v3_trains_with_grpo(tiny_v3, length_rule, tmp_path):
 
 
 def test_routing_drift_by_hand():
-    from grpo.moe import routing_drift
+    from grpo.hooks.moe import routing_drift
 
     decoded = torch.tensor([[[3, 1], [1, 2], [-1, -1]]])
     trained = torch.tensor([[[1, 3], [2, 4], [0, 1]]])
@@ -97,7 +97,7 @@ def test_routing_drift_is_logged_and_small_in_fp32(tiny_v3, length_rule, tmp_pat
 
 
 def test_selection_bias_update_by_hand_and_toward_uniform_load(tiny_v3):
-    from grpo.moe import update_selection_bias
+    from grpo.hooks.moe import update_selection_bias
 
     _, model, _ = tiny_v3
     router = model.model.layers[1].mlp.gate
@@ -139,7 +139,7 @@ def test_bias_balancing_runs_in_training(tiny_v3, length_rule, tmp_path):
 
 
 def test_routing_replay_trains_through_the_recorded_experts(tiny_v3):
-    from grpo.moe import replay_routes
+    from grpo.hooks.moe import replay_routes
 
     _, model, tok = tiny_v3
     tok.padding_side = "left"

@@ -1,4 +1,4 @@
-"""oneDNN packed linear layers (grpo.onednn) compute what the plain layers compute, and only without gradients."""
+"""oneDNN packed linear layers (grpo.backend.onednn) compute what the plain layers compute, and only without gradients."""
 
 import subprocess
 import sys
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from grpo.config import RolloutConfig
-from grpo.onednn import available, packed_linears
-from grpo.rollout import generate
+from grpo.backend.onednn import available, packed_linears
+from grpo.rollout.builtin import generate
 
 from conftest import ROOT, make_model, make_tokenizer
 
@@ -42,9 +42,9 @@ def test_bf16_autocast_and_bias():
 def test_bf16_without_cpu_support_keeps_the_plain_layer(monkeypatch):
     """On a CPU without oneDNN's bf16 kernels (AVX2 only), a bf16 layer runs its own forward instead of failing
     in the weight reorder; fp32 layers are still packed."""
-    import grpo.onednn
+    import grpo.backend.onednn
 
-    monkeypatch.setattr(grpo.onednn, "packs", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(grpo.backend.onednn, "packs", lambda dtype: dtype == torch.float32)
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(16, 24), torch.randn(4, 16)
     with torch.no_grad(), packed_linears(layer, keep=True):
@@ -90,10 +90,10 @@ def test_greedy_generation_is_unchanged():
 
 
 def test_freed_large_blocks_are_reused_without_page_faults():
-    """grpo.allocator: after a few rounds, allocating and freeing 113 MB tensors touches no new pages."""
+    """grpo.backend.allocator: after a few rounds, allocating and freeing 113 MB tensors touches no new pages."""
     script = (
         "import resource, torch\n"
-        "from grpo.allocator import keep_freed_memory\n"
+        "from grpo.backend.allocator import keep_freed_memory\n"
         "assert keep_freed_memory()\n"
         "faults = []\n"
         "for _ in range(8):\n"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from grpo.cli import main
-from grpo.generate import select_samples
-from grpo.sft import IGNORE, collate, response_nll, sft_features
+from grpo.commands.cli import main
+from grpo.commands.rejection import select_samples
+from grpo.commands.sft import IGNORE, collate, response_nll, sft_features
 
 from conftest import ROOT, make_model, make_tokenizer
 
@@ -162,7 +162,7 @@ def test_distill_runs_teacher_student_and_evaluation(pipeline_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.config import RolloutConfig
-    from grpo.rollout import generate
+    from grpo.rollout.builtin import generate
     from safetensors.torch import load_file
 
     student = AutoModelForCausalLM.from_pretrained(out / "student" / "final").eval()
@@ -187,7 +187,7 @@ def test_shipped_pipelines_validate(path, monkeypatch):
 
 
 def test_packed_examples_give_the_unpacked_loss_and_gradient():
-    from grpo.sft import collate_packed, pack
+    from grpo.commands.sft import collate_packed, pack
 
     tok = make_tokenizer()
     model = make_model(len(tok), seed=4)

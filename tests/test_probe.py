@@ -1,14 +1,14 @@
-"""The reward-hack probe (grpo.probe, `grpo rewards --probe`): it flags a rule with a known hole, stays quiet for
+"""The reward-hack probe (grpo.scoring.probe, `grpo rewards --probe`): it flags a rule with a known hole, stays quiet for
 the built-in rules, and says what each pattern earned."""
 
 import json
 
 import pytest
 
-from grpo.cli import main
+from grpo.commands.cli import main
 from grpo.config import RewardSpec, ScoringConfig
-from grpo.probe import GOLD, format_probe, hack_completions, probe
-from grpo.scoring import Scorer
+from grpo.scoring.probe import GOLD, format_probe, hack_completions, probe
+from grpo.scoring.scorer import Scorer
 
 from conftest import ROOT
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo.cli import main
+from grpo.commands.cli import main
 from grpo.config import ConfigError, load_config
 from grpo.trainer import train
 
@@ -90,9 +90,9 @@ def test_sigkill_then_resume_is_bit_identical(base_args, reference_run, tmp_path
 
 
 def test_crash_during_a_save_then_resume_is_bit_identical(base_args, reference_run, tmp_path, monkeypatch):
-    import grpo.checkpoint
+    import grpo.io.checkpoint
 
-    real_save, calls = grpo.checkpoint.torch.save, []
+    real_save, calls = grpo.io.checkpoint.torch.save, []
 
     def crash_on_fifth(obj, path, *a, **k):
         calls.append(path)
@@ -100,10 +100,10 @@ def test_crash_during_a_save_then_resume_is_bit_identical(base_args, reference_r
             raise SystemExit("killed during save")
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(grpo.checkpoint.torch, "save", crash_on_fifth)
+    monkeypatch.setattr(grpo.io.checkpoint.torch, "save", crash_on_fifth)
     with pytest.raises(SystemExit):
         train(cfg_for(base_args, tmp_path))
-    monkeypatch.setattr(grpo.checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(grpo.io.checkpoint.torch, "save", real_save)
     assert (tmp_path / "checkpoint-5.tmp").is_dir() and not (tmp_path / "checkpoint-5").exists()
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-4"
     train(cfg_for(base_args, tmp_path), resume=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo.config import RewardSpec, ScoringConfig
-from grpo.scoring import RewardRuleError, Scorer
+from grpo.scoring.scorer import RewardRuleError, Scorer
 from rewards.format import format_reward, reasoning_steps, tag_count
 from rewards.length import cosine_length, repetition_penalty, soft_overlong, target_length
 from rewards.math import accuracy, countdown, gold_text

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from grpo.config import RolloutConfig
-from grpo.logprobs import completion_logprobs, position_ids_from_mask, token_logprobs
-from grpo.rollout import completion_mask, generate, sample_tokens
+from grpo.modeling.logprobs import completion_logprobs, position_ids_from_mask, token_logprobs
+from grpo.rollout.builtin import completion_mask, generate, sample_tokens
 
 from conftest import make_model, make_tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo.cli import main
+from grpo.commands.cli import main
 
 from conftest import ROOT
 

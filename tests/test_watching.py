@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from grpo.cli import main
+from grpo.commands.cli import main
 from grpo.config import EvalConfig, RewardSpec, RolloutConfig, ScoringConfig
 from grpo.evaluate import evaluate
-from grpo.rollout import generate
-from grpo.scoring import Scorer
+from grpo.rollout.builtin import generate
+from grpo.scoring.scorer import Scorer
 
 from conftest import ROOT, make_model, make_tokenizer
 

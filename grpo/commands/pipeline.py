@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from grpo.checkpoint import latest_checkpoint
+from grpo.io.checkpoint import latest_checkpoint
 from grpo.config import Stage, to_yaml
 
 DONE = "DONE"
@@ -17,8 +17,8 @@ DONE = "DONE"
 
 def run_stage(stage: Stage) -> dict:
     from grpo.evaluate import evaluate_checkpoint
-    from grpo.generate import generate_dataset
-    from grpo.sft import sft
+    from grpo.commands.rejection import generate_dataset
+    from grpo.commands.sft import sft
     from grpo.trainer import train
 
     out = Path(stage.config.train.output_dir)

@@ -17,7 +17,7 @@ import types
 
 import torch
 
-from grpo.head import compute_dtype
+from grpo.modeling.head import compute_dtype
 
 
 def available(model: torch.nn.Module) -> bool:

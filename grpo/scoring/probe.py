@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from grpo.scoring import Scorer
+from grpo.scoring.scorer import Scorer
 from rewards.math import gold_text
 
 _EXPRESSION = re.compile(r"-?\d+(?:\.\d+)?(?:\s*[-+*/×÷x]\s*-?\d+(?:\.\d+)?)+")

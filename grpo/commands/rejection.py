@@ -12,10 +12,10 @@ from accelerate.utils import set_seed
 
 from grpo.config import Config
 from grpo.data import load_examples
-from grpo.model import load_model, load_tokenizer
-from grpo.optim import make_accelerator, model_config_for
-from grpo.rollout import generate
-from grpo.scoring import Scorer
+from grpo.modeling.loading import load_model, load_tokenizer
+from grpo.backend.accelerator import make_accelerator, model_config_for
+from grpo.rollout.builtin import generate
+from grpo.scoring.scorer import Scorer
 
 
 def select_samples(texts: list[str], totals: list[float], keep: str, threshold: float, max_per_prompt: int) -> list[int]:

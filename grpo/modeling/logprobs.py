@@ -9,10 +9,10 @@ import inspect
 
 import torch
 
-from grpo.head import head_logprobs
+from grpo.modeling.head import head_logprobs
 
 # Causal LMs whose logits are exactly lm_head(last hidden state), with no bias, scaling or soft-capping:
-# for these the log-probs come from the hidden states through the fused head (grpo.head). Other models
+# for these the log-probs come from the hidden states through the fused head (grpo.modeling.head). Other models
 # take the plain path (full logits, then log-softmax), which gives the same numbers more slowly.
 PLAIN_HEAD_MODELS = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",

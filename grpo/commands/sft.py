@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from grpo.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from grpo.config import Config, to_yaml
 from grpo.data import DataError, PromptSampler, build_examples, load_rows
-from grpo.model import load_model, load_tokenizer
-from grpo.optim import make_accelerator, make_optimizer, make_scheduler
-from grpo.tracking import Tracker, truncate_metrics
+from grpo.modeling.loading import load_model, load_tokenizer
+from grpo.backend.accelerator import make_accelerator, make_optimizer, make_scheduler
+from grpo.io.tracking import Tracker, truncate_metrics
 
 IGNORE = -100
 

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from grpo.checkpoint import without_tied_copies
+from grpo.io.checkpoint import without_tied_copies
 
 
 def is_sharded(accelerator: Accelerator) -> bool:

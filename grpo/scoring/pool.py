@@ -39,7 +39,7 @@ def run_task(rule, completions: list[str], examples: list[dict]) -> list[Outcome
 
 
 def _worker(conn, specs) -> None:
-    from grpo.rules import canary_samples, resolve_rule
+    from grpo.scoring.rules import canary_samples, resolve_rule
 
     rules = [resolve_rule(s) for s in specs]
     for rule in rules:  # warm: imports and first-call caches (math-verify, sympy) before any timed task

@@ -91,7 +91,7 @@ def _run(args, parser) -> int:
             print(f"{name:<12} {fn.__name__}{inspect.signature(fn)}\n             {doc}")
         return 0
     if args.command == "report":
-        from grpo.report import write_report
+        from grpo.io.report import write_report
 
         try:
             print(f"report written to {write_report(args.output_dir)}")
@@ -110,7 +110,7 @@ def _run(args, parser) -> int:
                         f"run it without accelerate launch / torchrun; only grpo train is data-parallel")
     if args.command in ("pipeline", "distill"):
         from grpo.config import load_pipeline
-        from grpo.pipeline import run_pipeline
+        from grpo.commands.pipeline import run_pipeline
 
         stages = load_pipeline(args.config, args.overrides, distill=args.command == "distill")
         for name, summary in run_pipeline(stages).items():
@@ -136,12 +136,12 @@ def _run(args, parser) -> int:
         print(json.dumps(evaluation.metrics, indent=2))
         return 0
     if args.command == "generate":
-        from grpo.generate import generate_dataset
+        from grpo.commands.rejection import generate_dataset
 
         generate_dataset(cfg, args.checkpoint)
         return 0
     if args.command == "sft":
-        from grpo.sft import sft
+        from grpo.commands.sft import sft
 
         sft(cfg, resume=args.resume)
         return 0
@@ -170,9 +170,9 @@ def _run(args, parser) -> int:
 def _probe(config: str, overrides: list[str]) -> int:
     """`grpo rewards --probe CONFIG`: the reward-hack probe on the config's first scoring.probe_rows rows."""
     from grpo.data import load_examples
-    from grpo.model import load_tokenizer
-    from grpo.probe import probe_report
-    from grpo.scoring import Scorer
+    from grpo.modeling.loading import load_tokenizer
+    from grpo.scoring.probe import probe_report
+    from grpo.scoring.scorer import Scorer
 
     cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(cfg.model)

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from grpo.logprobs import cache_arg, position_ids_from_mask
-from grpo.onednn import packed_linears
+from grpo.modeling.logprobs import cache_arg, position_ids_from_mask
+from grpo.backend.onednn import packed_linears
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -165,7 +165,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
     to generate in (e.g. `accelerator.autocast`). `seeds`, one per completion, give each completion its own
     random stream, so what it samples does not depend on the batch it shares (nor on how many processes
     split the batch); without them torch's global RNG is used. onednn_linear: on a CPU, linear layers run
-    through oneDNN with weights packed once for the call (`grpo.onednn`).
+    through oneDNN with weights packed once for the call (`grpo.backend.onednn`).
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

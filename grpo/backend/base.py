@@ -1,7 +1,7 @@
 """The policy and reference models placed on the processes by the engine accelerate was launched with (one
 process, DDP, FSDP2, DeepSpeed ZeRO-2/3), and what the trainer asks of them whatever the engine: whole
 weights for generation, full states for a checkpoint, a checkpoint restored. The engines' own differences
-live in grpo.sharding (FSDP2) and grpo.zero (DeepSpeed).
+live in grpo.backend.fsdp (FSDP2) and grpo.backend.deepspeed (DeepSpeed).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from grpo import zero
-from grpo.checkpoint import without_tied_copies
-from grpo.logprobs import LogprobModel
-from grpo.model import load_model
-from grpo.optim import make_optimizer, make_scheduler
-from grpo.sharding import (check_supported, full_parameters, is_sharded, load_model_state, load_optimizer_state,
+from grpo.backend import deepspeed as zero
+from grpo.io.checkpoint import without_tied_copies
+from grpo.modeling.logprobs import LogprobModel
+from grpo.modeling.loading import load_model
+from grpo.backend.accelerator import make_optimizer, make_scheduler
+from grpo.backend.fsdp import (check_supported, full_parameters, is_sharded, load_model_state, load_optimizer_state,
                            model_state, optimizer_state, settle_root, shard_reference)
 
 

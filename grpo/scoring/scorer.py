@@ -5,8 +5,8 @@ sample; the sample is counted in reward/<rule>/errors and the rule's first trace
 fails on more than `scoring.max_error_fraction` of its samples over the last `scoring.error_window` steps,
 the run stops with `RewardRuleError` and that traceback. A return value that is not a finite number, None, or
 (number, {sub-metrics}) is an error naming the rule. At start-up each rule that declares canary samples
-must score its correct sample above its wrong one. Rules run in worker processes (`grpo.reward_pool`), or
-in this process when `scoring.workers` is 0. Resolution of rules lives in `grpo.rules`; the rules in `rewards/`.
+must score its correct sample above its wrong one. Rules run in worker processes (`grpo.scoring.pool`), or
+in this process when `scoring.workers` is 0. Resolution of rules lives in `grpo.scoring.rules`; the rules in `rewards/`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from grpo.reward_pool import RewardPool, run_task
-from grpo.rules import Rule, canary_samples, resolve_rule
+from grpo.scoring.pool import RewardPool, run_task
+from grpo.scoring.rules import Rule, canary_samples, resolve_rule
 
 
 class RewardRuleError(RuntimeError):

@@ -1,0 +1,112 @@
+"""The clipped GRPO policy loss with a KL penalty: a pure function of per-token log-probs.
+
+Shapes: N completions, T completion tokens (right-padded; `mask` marks real tokens, a final EOS included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's estimators).
+
+    With log r = log pi_ref - log pi_theta:
+      k1 = -log r                 (unbiased, can be negative)
+      k2 = (log r)^2 / 2          (biased, low variance)
+      k3 = r - log r - 1          (unbiased, always >= 0; DeepSeekMath's choice)
+    Example: logprobs -1, ref -2 -> log r = -1: k1 = 1, k2 = 0.5, k3 = e^-1 + 1 - 1 = 0.367879.
+    """
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.pow(2)
+    if estimator == "k3":
+        return torch.exp(log_r) - log_r - 1
+    raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    kl_estimator: str = "k3",
+    importance_level: str = "token",
+    num_sequences: int | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate minus a KL penalty, aggregated over tokens as `loss_type` says.
+
+    logprobs, old_logprobs, ref_logprobs, mask: [N, T]; advantages: [N]. Per token t of completion i:
+        ratio    = exp(logprobs - old_logprobs)                  (importance_level="token")
+                   exp(mean_t(logprobs - old_logprobs)) per i     (importance_level="sequence", GSPO)
+        l_{i,t}  = -min(ratio * A_i, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A_i) + beta * KL_{i,t}
+    Aggregation, with |o_i| the tokens of completion i:
+        grpo:    (1/N) sum_i (1/|o_i|) sum_t l_{i,t}          (DeepSeekMath)
+        bnpo:    sum_{i,t} l_{i,t} / sum_i |o_i|
+        dapo:    sum_{i,t} l_{i,t} / num_tokens               (tokens of the whole accumulated, global batch)
+        dr_grpo: sum_{i,t} l_{i,t} / (N * max_completion_length)
+    For gradient accumulation pass the whole batch's `num_sequences` (N) and `num_tokens`: the losses of the
+    micro-batches then sum to the loss of the whole batch, for every loss_type.
+
+    Worked example (on-policy, beta 0, grpo): ratio = 1 everywhere, so the loss is -mean_i(A_i); with
+    A = [1, -1, 2] and any mask with a token in each row, loss = -2/3.
+    Returns the 0-dim loss and float metrics (clip ratios, mean KL when beta > 0).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    mask = mask.to(logprobs.dtype)
+    lengths = mask.sum(dim=1)  # [N]
+    log_ratio = logprobs - old_logprobs  # [N, T]
+    if importance_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(dim=1) / lengths.clamp(min=1)).unsqueeze(1)  # [N, 1]
+    elif importance_level != "token":
+        raise ValueError(f"importance_level must be 'token' or 'sequence', got {importance_level!r}")
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [N, 1]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]
+
+    metrics: dict[str, float] = {}
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs")
+        kl = kl_per_token(logprobs, ref_logprobs, kl_estimator)
+        per_token = per_token + beta * kl
+        metrics["kl"] = _masked_mean(kl.detach(), mask)
+
+    n = num_sequences if num_sequences is not None else logprobs.shape[0]
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / lengths.clamp(min=1)).sum() / n
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        loss = (per_token * mask).sum() / (n * max_completion_length)
+    else:
+        tokens = num_tokens if num_tokens is not None else mask.sum().item()
+        loss = (per_token * mask).sum() / max(float(tokens), 1.0)
+
+    with torch.no_grad():
+        r = ratio.expand_as(per_token)
+        low = (r < 1 - epsilon_low) & (adv < 0)
+        high = (r > 1 + epsilon_high) & (adv > 0)
+        metrics["clip_ratio/low"] = _masked_mean(low.to(mask.dtype), mask)
+        metrics["clip_ratio/high"] = _masked_mean(high.to(mask.dtype), mask)
+        metrics["clip_ratio"] = metrics["clip_ratio/low"] + metrics["clip_ratio/high"]
+    return loss, metrics
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((x * mask).sum() / mask.sum().clamp(min=1)).item()
