@@ -134,8 +134,9 @@ class AlgorithmConfig:
     """Clip range: ratios outside [1 - epsilon, 1 + epsilon_high] stop contributing gradient."""
     epsilon_high: Optional[float] = None
     """Upper clip range (DAPO's clip-higher uses 0.28); null means `epsilon`."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """Token aggregation: grpo = mean per completion then over completions; see docs/algorithms.md."""
+    loss_type: str = "grpo"
+    """Token aggregation, a name registered in grpo.algo.loss.LOSS_TYPES (grpo, bnpo, dr_grpo, dapo): grpo =
+    mean per completion then over completions; see docs/algorithms.md."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
     num_iterations: int = 1
@@ -209,7 +210,8 @@ class TrainConfig:
     """Stay on the CPU even when a GPU is present."""
     onednn_linear: bool = True
     """CPU only: passes without gradient (generation, reference and pi_old log-probs, evaluation) run linear
-    layers through oneDNN with weights packed once per step (equal to rounding; about 2x faster decoding)."""
+    layers through oneDNN with weights packed once per step (equal to rounding; about 2x faster decoding).
+    Installed by the backend where every process holds whole weights (not under FSDP or ZeRO-3)."""
     reuse_host_memory: bool = True
     """CPU only: glibc malloc keeps freed large blocks for reuse instead of returning them to the kernel, so
     each micro-batch's tensors do not page-fault in again (`grpo.backend.allocator`; process-wide)."""
@@ -656,6 +658,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_combinations(cfg: Config) -> list[str]:
+    from grpo.algo.loss import LOSS_TYPES
     from grpo.scoring.rules import resolve_rule  # rules resolve at load time so `grpo validate` catches them
 
     p = []
@@ -690,6 +693,9 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("algorithm.epsilon_high: must be >= 0")
     if a.num_iterations < 1:
         p.append("algorithm.num_iterations: must be at least 1")
+    if a.loss_type not in LOSS_TYPES:
+        p.append(f"algorithm.loss_type: {a.loss_type!r} is not a registered loss type; use one of "
+                 f"{', '.join(LOSS_TYPES)} (or register one in grpo/algo/loss.py)")
     if a.kl_penalty == "reward" and a.beta == 0:
         p.append("algorithm.kl_penalty: 'reward' needs algorithm.beta > 0")
     if a.ref_reset_every and a.beta == 0:

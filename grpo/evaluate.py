@@ -1,14 +1,14 @@
 """Held-out evaluation: greedy pass@1 of the policy on prompts it is not trained on, and pass@k on request.
-Besides the numbers it keeps the first few greedy completions, so a reader sees what the model writes."""
+Besides the numbers it keeps the first few greedy completions, so a reader sees what the model writes.
+Used during training and by `grpo eval` (grpo.commands.evaluate); samples through a rollout engine."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from grpo.rollout.builtin import generate
+from grpo.rollout.base import Sampling
 
 SAMPLES = 2  # greedy completions kept for printing
 
@@ -30,23 +30,22 @@ def format_samples(columns: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_cfg,
-             autocast=contextlib.nullcontext, onednn_linear: bool = False) -> Evaluation:
-    """Greedy completions for `examples`, scored by the configured rules.
+def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Evaluation:
+    """Greedy completions for `examples` from the rollout engine `engine` (synced to the model to evaluate),
+    scored by the configured rules.
 
     Metrics: eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions; a sample the rule
     failed on counts as not correct and in eval/errors, one the rule does not apply to (None) is left out),
     eval/errors, eval/reward (mean weighted total), eval/completion_length, and with eval_cfg.pass_k = k > 0,
     eval/pass@k: the fraction of prompts for which at least one of k sampled completions (rollout
-    temperature) scores > 0 on that rule. onednn_linear as in `generate`.
+    temperature) scores > 0 on that rule.
     """
     totals, key_rule, lengths, passed, samples, errors = [], [], [], [], [], 0
     k = eval_cfg.pass_k
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch = examples[start:start + eval_cfg.batch_size]
         prompts = [e["prompt"] for e in batch]
-        rollouts = generate(model, tokenizer, prompts, 1, rollout_cfg, greedy=True, autocast=autocast,
-                            onednn_linear=onednn_linear)
+        rollouts = engine.generate(prompts, Sampling.from_config(rollout_cfg, 1, greedy=True))
         scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist(), training=False)
         errors += scores.errors[eval_cfg.reward]
         totals.append(scores.total)
@@ -56,8 +55,7 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
                     zip(batch, rollouts.texts, scores.per_rule[eval_cfg.reward])][:SAMPLES - len(samples)]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())
         if k > 0:
-            sampled = generate(model, tokenizer, prompts, k, rollout_cfg, autocast=autocast,
-                               onednn_linear=onednn_linear)
+            sampled = engine.generate(prompts, Sampling.from_config(rollout_cfg, k))
             values = scorer(sampled.texts, [e for e in batch for _ in range(k)],
                             training=False).per_rule[eval_cfg.reward]
             passed += [any((v or 0) > 0 for v in values[i * k:(i + 1) * k]) for i in range(len(batch))]
@@ -72,25 +70,3 @@ def evaluate(model, tokenizer, examples: list[dict], scorer, rollout_cfg, eval_c
     if k > 0:
         metrics[f"eval/pass@{k}"] = sum(passed) / len(passed)
     return Evaluation(metrics, samples)
-
-
-def evaluate_checkpoint(cfg, checkpoint: str | None) -> Evaluation:
-    """`grpo eval`: evaluate a saved model (or cfg.model when checkpoint is None) on cfg.eval.path."""
-    from grpo.data import load_examples
-    from grpo.modeling.loading import load_model, load_tokenizer
-    from grpo.backend.accelerator import make_accelerator, model_config_for
-    from grpo.scoring.scorer import Scorer
-
-    if cfg.eval.path is None:
-        raise ValueError("eval.path is not set: name the held-out prompts, e.g. eval.path=data/gsm8k/test.jsonl")
-    model_cfg = model_config_for(cfg.model, checkpoint)
-    accelerator = make_accelerator(cfg.train)
-    tokenizer = load_tokenizer(model_cfg)
-    examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer)
-    model = load_model(model_cfg, accelerator.device, trainable=False)
-    scorer = Scorer(cfg.rewards, cfg.scoring)
-    try:
-        return evaluate(model, tokenizer, examples, scorer, cfg.rollout, cfg.eval, autocast=accelerator.autocast,
-                        onednn_linear=cfg.train.onednn_linear)
-    finally:
-        scorer.close()

@@ -8,12 +8,14 @@ step, then --steps timed steps. Needs TRL: `pip install -e .[bench]`.
 
     python scripts/bench.py                       # fp32 and bf16 rows, 2 timed steps each
     python scripts/bench.py --precision bf16 --steps 3
+    python scripts/bench.py --baseline HEAD~1     # also this trainer at another commit (a git worktree)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -34,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--trainers", nargs="+", default=["grpo", "trl"], choices=["grpo", "trl"])
+    p.add_argument("--baseline", help="a commit: also time grpo at that commit (row grpo@<commit>), in the same "
+                                      "invocation, to compare a change against it")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=["grpo", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -151,18 +155,29 @@ def main() -> None:
         workdir = Path(tmp)
         prepare(workdir, args.prompts * (args.steps + 1))
         lengths = prompt_tokens(workdir)
-        results = {}
+        results, code = {}, {trainer: None for trainer in args.trainers}
+        if args.baseline:
+            commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            subprocess.run(["git", "worktree", "add", "--detach", str(workdir / "baseline"), commit], cwd=ROOT,
+                           check=True, capture_output=True)
+            code = {f"grpo@{commit}": workdir / "baseline", **code}
         for precision in args.precision:
-            for trainer in args.trainers:
+            for trainer, tree in code.items():
                 print(f"--- {trainer} {precision} ---", flush=True)
-                cmd = [sys.executable, __file__, "--worker", trainer, "--workdir", str(workdir), "--one-precision",
-                       precision, "--steps", str(args.steps), "--prompts", str(args.prompts), "--generations",
-                       str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--beta", str(args.beta)]
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                cmd = [sys.executable, __file__, "--worker", trainer.split("@")[0], "--workdir", str(workdir),
+                       "--one-precision", precision, "--steps", str(args.steps), "--prompts", str(args.prompts),
+                       "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
+                       "--beta", str(args.beta)]
+                env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None  # grpo imported from the worktree
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
                 line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
                 if line is None:
                     sys.exit(f"{trainer} {precision} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
                 results[(trainer, precision)] = json.loads(line.removeprefix("BENCH_RESULT "))
+        if args.baseline:
+            subprocess.run(["git", "worktree", "remove", "--force", str(workdir / "baseline")], cwd=ROOT,
+                           capture_output=True)
     report(args, results, lengths)
 
 
@@ -194,6 +209,10 @@ def report(args, results: dict, lengths: list[int]) -> None:
         print(f"{trainer:<8}{precision:<10}{step:>8.1f}{row['generated_tokens_per_s']:>11.1f}"
               f"{row['trained_tokens_per_s']:>12.1f}{row['peak_rss_mb']:>13.0f}{row['loss']:>10.4f}"
               f"{(row['kl'] or 0):>9.5f}{speedup:>10.2f}{rss_ratio:>10.2f}")
+    for (trainer, precision), r in results.items():
+        if trainer.startswith("grpo@") and ("grpo", precision) in results:
+            ratio = statistics.mean(results[("grpo", precision)]["step_s"]) / statistics.mean(r["step_s"])
+            print(f"grpo {precision}: s/step {ratio:.3f}x that of {trainer} ({(ratio - 1) * 100:+.1f}%)")
     for (trainer, precision), r in results.items():
         if r.get("phases"):
             print(f"{trainer} {precision} phases: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in r["phases"].items()))

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--baseline", required=True, help="a commit (hash, branch, HEAD~1) to compare against")
     p.add_argument("--cases", nargs="+", default=["quickstart", "ddp"], choices=["quickstart", "ddp"])
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cache", type=Path, help="keep the baseline's runs here and reuse them (keyed by commit, case "
+                                              "and steps), so a second comparison runs only this tree")
     return p.parse_args(argv)
 
 
@@ -42,16 +44,11 @@ def _free_port() -> str:
 
 
 def make_tiny_model(folder: Path) -> None:
-    """The tests' tiny Llama and character tokenizer (tests/conftest.py), saved as a model folder."""
+    """The tests' tiny Llama and character tokenizer (tests/conftest.py), and a length reward rule beside it."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_model, make_tokenizer
+    from conftest import save_tiny_model
 
-    tokenizer = make_tokenizer()
-    model = make_model(len(tokenizer))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model(folder)
     (folder.parent / "rules.py").write_text("def length_reward(completion, example):\n    return len(completion) / 10\n")
 
 
@@ -105,6 +102,11 @@ def main(argv=None) -> int:
                 outs = {}
                 for label, code in (("baseline", baseline), ("this tree", ROOT)):
                     outs[label] = work / f"{case}-{label.replace(' ', '-')}"
+                    if label == "baseline" and args.cache:
+                        outs[label] = args.cache / f"{commit}-{case}-{args.steps}"
+                        if (outs[label] / "final/model.safetensors").is_file():
+                            print(f"{case}: baseline ({commit}) from {outs[label]}", flush=True)
+                            continue
                     seconds = run(command(case, outs[label], work, args.steps), code)
                     print(f"{case}: {label} ({commit if label == 'baseline' else 'working tree'}) ran in {seconds:.0f} s",
                           flush=True)

@@ -45,7 +45,7 @@ def mixed_rollouts():
     """(tiny Llama, 16 sampled rollouts of 4 prompts x 4): two generation rounds with different prompt widths,
     concatenated as dynamic sampling does, completions of different lengths (at most 7 tokens)."""
     from grpo.config import RolloutConfig
-    from grpo.rollout.builtin import concat_rollouts, generate
+    from grpo.rollout import concat_rollouts, generate
 
     tok = make_tokenizer()
     tok.padding_side = "left"
@@ -60,7 +60,11 @@ def mixed_rollouts():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny model + tokenizer folder, loadable like any Hugging Face model folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """The tiny Llama and the character tokenizer, saved as a Hugging Face model folder."""
     tokenizer = make_tokenizer()
     model = make_model(len(tokenizer))
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -14,12 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpo.trainer  # noqa: E402
+import grpo.backend  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
 
-make_accelerator = grpo.trainer.make_accelerator
+make_accelerator = grpo.backend.make_accelerator
 
 
 def make_cpu_engine_accelerator(train_cfg):
@@ -41,7 +41,7 @@ def make_cpu_engine_accelerator(train_cfg):
     return accelerator
 
 
-grpo.trainer.make_accelerator = make_cpu_engine_accelerator
+grpo.backend.make_accelerator = make_cpu_engine_accelerator
 
 if __name__ == "__main__":
     from grpo.commands.cli import main

@@ -8,7 +8,8 @@ import torch
 from grpo.algo.advantages import group_advantages, informative_groups, overlong_penalty, sequence_kl
 from grpo.config import Config, RolloutConfig, TrainConfig, AlgorithmConfig
 from grpo.modeling.logprobs import rollout_logprobs, token_logprobs
-from grpo.trainer import accumulate_gradients
+from grpo.algo.batch import TrainBatch
+from grpo.algo.update import accumulate_gradients
 
 
 def test_overlong_penalty_by_hand():
@@ -63,7 +64,9 @@ def test_micro_batched_gradients_equal_one_big_batch(mixed_rollouts, loss_type):
                      train=TrainConfig(prompts_per_step=4, micro_batch_size=mb),
                      algorithm=AlgorithmConfig(loss_type=loss_type, beta=0.1))
         model.zero_grad()
-        accumulate_gradients(model, r, r.completion_mask, advantages, None, ref, cfg)
+        batch = TrainBatch(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, r.completion_mask,
+                           advantages, torch.zeros(16), 4, ref_logprobs=ref)
+        accumulate_gradients(model, batch, cfg)
         grads.append([p.grad.clone() for p in model.parameters()])
     assert any(g.abs().sum() > 0 for g in grads[0])
     for other in grads[1:]:
@@ -72,8 +75,8 @@ def test_micro_batched_gradients_equal_one_big_batch(mixed_rollouts, loss_type):
 
 
 def test_truncated_completions_options():
-    from grpo.rollout.builtin import Rollouts
-    from grpo.trainer import _shape_rewards
+    from grpo.algo.batch import shape_rewards
+    from grpo.rollout import Rollouts
 
     r = Rollouts(prompt_ids=torch.zeros(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.long),
                  completion_ids=torch.zeros(3, 4, dtype=torch.long),
@@ -82,7 +85,7 @@ def test_truncated_completions_options():
     rewards = torch.tensor([1.0, 1.0, 1.0])
 
     def shaped(**algorithm):
-        return _shape_rewards(rewards, r, Config(rollout=RolloutConfig(max_completion_length=4),
+        return shape_rewards(rewards, r, Config(rollout=RolloutConfig(max_completion_length=4),
                                                  algorithm=AlgorithmConfig(**algorithm)))
 
     kept_rewards, kept_mask = shaped(truncated_completions="keep")

@@ -98,6 +98,9 @@ def test_fsdp_processes_match_one(tiny_model_dir, rules, tmp_path, iterations):
     printed = accelerate("fsdp", args_for(tiny_model_dir, rules, tmp_path / "two", "grpo") + mu)
     assert "x 2 processes" in printed
     assert_same_final_weights(tmp_path / "one", tmp_path / "two")
+    # the config is frozen: FSDP runs without oneDNN packing, and config.yaml still says what the user set
+    assert (tmp_path / "two/config.yaml").read_text() == (tmp_path / "one/config.yaml").read_text().replace(
+        str(tmp_path / "one"), str(tmp_path / "two"))
 
 
 def test_fsdp_run_resumes_from_its_checkpoint_sharded_or_not(tiny_model_dir, rules, tmp_path):
@@ -150,10 +153,10 @@ def test_deepspeed_zero3_processes_match_one_and_resume(tiny_model_dir, rules, t
     assert_same_final_weights(tmp_path / "two", tmp_path / "three")
 
 
-def test_sharded_engines_refuse_whole_weight_options_by_name():
-    from grpo.backend.base import _refuse_whole_weight_options
+def test_sharded_enginesrefuse_whole_weight_options_by_name():
+    from grpo.backend.base import refuse_whole_weight_options
 
     cfg = load_config(None, ["algorithm.beta=0.04", "algorithm.ref_reset_every=2", "moe.routing_replay=true"])
     with pytest.raises(ValueError, match=r"algorithm.ref_reset_every, moe.routing_replay: not supported under FSDP"):
-        _refuse_whole_weight_options(cfg, "FSDP")
-    _refuse_whole_weight_options(load_config(None, []), "DeepSpeed")  # defaults are fine
+        refuse_whole_weight_options(cfg, "FSDP")
+    refuse_whole_weight_options(load_config(None, []), "DeepSpeed")  # defaults are fine

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import grpo.trainer
+import grpo.algo.update
 from grpo.config import load_config
 from grpo.trainer import train
 
@@ -44,14 +44,14 @@ def test_cuda_steps_change_the_weights(args, tmp_path, tiny_model_dir, precision
 def test_fp16_overflow_is_skipped_by_the_scaler_and_training_goes_on(args, tmp_path, monkeypatch, tiny_model_dir):
     """Step 1's loss is scaled to inf: the scaler skips that update and lowers its scale; step 2 trains (before
     the fix, accelerate's scaler was never updated on a skipped step and step 2 raised in unscale_())."""
-    real, calls = grpo.trainer.policy_loss, []
+    real, calls = grpo.algo.update.policy_loss, []
 
     def overflowing(*a, **k):
         loss, metrics = real(*a, **k)
         calls.append(1)
         return (loss * 1e38 * 1e38 if len(calls) == 1 else loss), metrics
 
-    monkeypatch.setattr(grpo.trainer, "policy_loss", overflowing)
+    monkeypatch.setattr(grpo.algo.update, "policy_loss", overflowing)
     run(args, tmp_path, "train.max_steps=3", "train.mixed_precision=fp16", "train.micro_batch_size=8",
         "train.save_every=1")
     assert [r["skipped_update"] for r in steps(tmp_path)] == [1.0, 0.0, 0.0]

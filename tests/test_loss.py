@@ -99,3 +99,48 @@ def test_micro_batches_sum_to_the_whole_batch(loss_type):
     (acc_grad,) = torch.autograd.grad(total, params)
     assert total.item() == pytest.approx(full.item(), abs=1e-6)
     torch.testing.assert_close(acc_grad, full_grad, atol=1e-6, rtol=0)
+
+
+def test_bnpo_divides_by_local_tokens_and_dapo_by_the_global_share():
+    """Two processes: this one holds 4 tokens, the global batch 12 (6 per process). On-policy, so the summed
+    per-token loss is -3 + 2 = -1: bnpo gives -1/4, dapo -1/6."""
+    lp, adv = torch.zeros(2, 3), torch.tensor([1.0, -2.0])
+    for loss_type, value in (("bnpo", -1 / 4), ("dapo", -1 / 6)):
+        loss, _ = policy_loss(lp, lp, adv, MASK, loss_type=loss_type, num_tokens=6.0, local_tokens=4)
+        assert loss.item() == pytest.approx(value), loss_type
+
+
+def test_a_registered_loss_type_is_accepted_by_the_config_and_used(monkeypatch):
+    from grpo.algo import loss as loss_module
+    from grpo.config import ConfigError, load_config
+
+    monkeypatch.setattr(loss_module, "LOSS_TYPES", dict(loss_module.LOSS_TYPES))
+    with pytest.raises(ConfigError, match=r"algorithm.loss_type: 'sum' is not a registered loss type; use one of "
+                                          r"grpo, bnpo, dapo, dr_grpo"):
+        load_config(None, ["algorithm.loss_type=sum"])
+
+    @loss_module.loss_type("sum")
+    def _sum(token_losses, mask, normalisers):
+        return token_losses.sum()
+
+    assert load_config(None, ["algorithm.loss_type=sum"]).algorithm.loss_type == "sum"
+    loss, _ = policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -2.0]), MASK, loss_type="sum")
+    assert loss.item() == pytest.approx(-3 + 2)
+    with pytest.raises(ValueError, match="loss type 'sum' is already registered"):
+        loss_module.loss_type("sum")(_sum)
+
+
+def test_kl_placement_is_decided_once():
+    from grpo.algo.kl import KLPenalty
+    from grpo.config import AlgorithmConfig
+
+    in_loss = KLPenalty.from_config(AlgorithmConfig(beta=0.1))
+    in_reward = KLPenalty.from_config(AlgorithmConfig(beta=0.1, kl_penalty="reward", kl_estimator="k1"))
+    off = KLPenalty.from_config(AlgorithmConfig(beta=0.0))
+    assert (in_loss.loss_beta, in_reward.loss_beta, off.loss_beta) == (0.1, 0.0, 0.0)
+    assert (in_loss.in_reward, in_reward.in_reward, off.in_reward) == (False, True, False)
+    assert [k.needs_old_logprobs(1) for k in (in_loss, in_reward, off)] == [False, True, False]
+    assert in_loss.needs_old_logprobs(2)
+    # by hand (k1): log-probs [-1, -1] under pi_old, [-2, -2] under pi_ref -> KL 1 per token, 2 per completion
+    kl = in_reward.completion_kl(torch.full((1, 2), -1.0), torch.full((1, 2), -2.0), torch.ones(1, 2))
+    assert kl.tolist() == [2.0]

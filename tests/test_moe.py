@@ -11,7 +11,7 @@ from grpo.commands.cli import main
 from grpo.modeling.logprobs import rollout_logprobs
 from grpo.hooks.moe import RouterProbe, routing_metrics
 from grpo.config import RolloutConfig
-from grpo.rollout.builtin import generate
+from grpo.rollout import generate
 
 from conftest import ROOT, make_tokenizer
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from grpo.config import RolloutConfig
-from grpo.backend.onednn import available, packed_linears
-from grpo.rollout.builtin import generate
+from grpo.backend.onednn import available, install, packed_linears, uninstall
+from grpo.rollout import generate
 
 from conftest import ROOT, make_model, make_tokenizer
 
@@ -47,7 +47,7 @@ def test_bf16_without_cpu_support_keeps_the_plain_layer(monkeypatch):
     monkeypatch.setattr(grpo.backend.onednn, "packs", lambda dtype: dtype == torch.float32)
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(16, 24), torch.randn(4, 16)
-    with torch.no_grad(), packed_linears(layer, keep=True):
+    with torch.no_grad(), packed_linears(layer):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
         assert not hasattr(layer, "_onednn_cache")
@@ -64,17 +64,41 @@ def test_gradients_take_the_plain_layer():
     assert torch.equal(got, expected)
 
 
-def test_kept_packing_follows_weight_updates():
+def test_installed_packing_follows_weight_updates_and_training_passes_drop_it():
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(8, 8), torch.randn(3, 8)
-    with torch.no_grad(), packed_linears(layer, keep=True):
-        before = layer(x)
+    install(layer)
     with torch.no_grad():
+        before = layer(x)
         layer.weight.add_(1.0)  # as an optimizer step does: in place, the version counter moves
-        with packed_linears(layer, keep=True):
-            after = layer(x)
+        after = layer(x)
         torch.testing.assert_close(after, torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert not torch.allclose(before, after)
+    assert not torch.allclose(before, after) and layer._onednn_cache is not None
+    layer(x).sum().backward()  # a training pass: the plain layer, and the packed copy is dropped
+    assert "_onednn_cache" not in vars(layer)
+    uninstall(layer)
+    assert "forward" not in vars(layer)
+
+
+def test_packed_copies_are_released_after_a_fused_optimizer_step():
+    """A fused AdamW step changes the weight in place without moving its version counter, so the packed copy
+    would go stale; the backend calls weights_changed after every step."""
+    from grpo.backend.cpu import weights_changed
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(8, 8), torch.randn(3, 8)
+    install(layer)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        layer(x)  # packs
+    version = layer.weight._version
+    layer.weight.grad, layer.bias.grad = torch.ones(8, 8), torch.ones(8)
+    optimizer.step()
+    assert layer.weight._version == version  # why the version alone cannot tell
+    weights_changed(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    uninstall(layer)
 
 
 def test_greedy_generation_is_unchanged():
@@ -84,7 +108,8 @@ def test_greedy_generation_is_unchanged():
     cfg = RolloutConfig(max_completion_length=12)
     prompts = ["What is 1 + 2?", "Hi"]
     plain = generate(model, tok, prompts, 2, cfg, greedy=True)
-    packed = generate(model, tok, prompts, 2, cfg, greedy=True, onednn_linear=True)
+    with packed_linears(model):
+        packed = generate(model, tok, prompts, 2, cfg, greedy=True)
     assert torch.equal(packed.completion_ids, plain.completion_ids)
     assert "forward" not in vars(model.lm_head)
 

@@ -162,7 +162,7 @@ def test_distill_runs_teacher_student_and_evaluation(pipeline_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.config import RolloutConfig
-    from grpo.rollout.builtin import generate
+    from grpo.rollout import generate
     from safetensors.torch import load_file
 
     student = AutoModelForCausalLM.from_pretrained(out / "student" / "final").eval()

@@ -145,15 +145,15 @@ def test_keep_last_n_prunes_only_complete_older_checkpoints(base_args, tmp_path)
 
 
 def test_nonfinite_losses_skip_updates_then_stop_with_a_dump(base_args, tiny_model_dir, tmp_path, monkeypatch):
-    import grpo.trainer
+    import grpo.algo.update
 
-    real_loss = grpo.trainer.policy_loss
+    real_loss = grpo.algo.update.policy_loss
 
     def nan_loss(*a, **k):
         loss, metrics = real_loss(*a, **k)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(grpo.trainer, "policy_loss", nan_loss)
+    monkeypatch.setattr(grpo.algo.update, "policy_loss", nan_loss)
     with pytest.raises(RuntimeError, match=r"step 3: the loss or gradient was not finite for 3 steps in a row"):
         train(cfg_for([*base_args, "train.max_steps=5"], tmp_path))
     records = steady_metrics(tmp_path)

@@ -3,7 +3,7 @@ import torch
 
 from grpo.config import RolloutConfig
 from grpo.modeling.logprobs import completion_logprobs, position_ids_from_mask, token_logprobs
-from grpo.rollout.builtin import completion_mask, generate, sample_tokens
+from grpo.rollout import completion_mask, generate, sample_tokens
 
 from conftest import make_model, make_tokenizer
 

@@ -150,3 +150,49 @@ def test_runs_with_different_precisions_in_one_process(run_args):
         assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "train.max_steps=1", "eval.path=null",
                      "train.save_every=0", f"train.mixed_precision={precision}",
                      f"train.output_dir={tmp_path / precision}"]) == 0
+
+
+def test_hooks_are_called_at_their_points_of_each_step(run_args, monkeypatch):
+    """A StepHook installed by make_hooks sees each step as: rollout, after_rollout, then per update the
+    update context around one micro_batch context per micro-batch, then after_step; its metrics are logged.
+    The loop itself names no hook."""
+    import contextlib
+
+    import grpo.startup
+    from grpo.hooks import Hooks, StepHook
+
+    calls = []
+
+    class Recording(StepHook):
+        @contextlib.contextmanager
+        def rollout(self, model):
+            calls.append("rollout")
+            yield
+
+        def after_rollout(self, model, rollouts):
+            calls.append(f"after_rollout {len(rollouts.texts)}")
+            return {"hook/rollouts": float(len(rollouts.texts))}
+
+        @contextlib.contextmanager
+        def update(self, policy):
+            calls.append("update")
+            yield
+
+        @contextlib.contextmanager
+        def micro_batch(self, policy, batch, rows):
+            calls.append(f"micro_batch {rows.start}")
+            yield
+
+        def after_step(self, skipped):
+            calls.append("after_step")
+            return {"hook/skipped": float(skipped)}
+
+    monkeypatch.setattr(grpo.startup, "make_hooks", lambda model, cfg, backend: Hooks([Recording()]))
+    tmp_path, args = run_args
+    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", "train.micro_batch_size=4",
+                 "algorithm.num_iterations=2"]) == 0
+    one_step = ["rollout", "after_rollout 8", "update", "micro_batch 0", "micro_batch 4", "after_step",
+                "update", "micro_batch 0", "micro_batch 4", "after_step"]
+    assert calls == one_step * 2
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [(r["hook/rollouts"], r["hook/skipped"]) for r in records if "loss" in r] == [(8.0, 0.0)] * 2

@@ -9,7 +9,7 @@ import pytest
 from grpo.commands.cli import main
 from grpo.config import EvalConfig, RewardSpec, RolloutConfig, ScoringConfig
 from grpo.evaluate import evaluate
-from grpo.rollout.builtin import generate
+from grpo.rollout import BuiltinEngine, generate
 from grpo.scoring.scorer import Scorer
 
 from conftest import ROOT, make_model, make_tokenizer
@@ -91,7 +91,8 @@ def test_eval_numbers_match_a_hand_checked_case(tmp_path):
     by_hand = [1.0 if t[:1].isalpha() else 0.0 for t in greedy.texts]
     rule.write_text("def first_letter(completion, example):\n    return 1.0 if completion[:1].isalpha() else 0.0\n")
     scorer = Scorer([RewardSpec(fn=f"{rule}:first_letter")], ScoringConfig(workers=0))
-    evaluation = evaluate(model, tok, examples, scorer, rollout, EvalConfig(reward="first_letter", batch_size=3))
+    evaluation = evaluate(BuiltinEngine(tok, model=model), examples, scorer, rollout,
+                          EvalConfig(reward="first_letter", batch_size=3))
     metrics = evaluation.metrics
     assert metrics["eval/accuracy"] == pytest.approx(sum(by_hand) / 4)
     lengths = greedy.completion_mask.sum(dim=1).float()

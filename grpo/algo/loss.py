@@ -1,13 +1,69 @@
-"""The clipped GRPO policy loss with a KL penalty: a pure function of per-token log-probs.
+"""The clipped GRPO policy loss with a KL penalty: a pure function of per-token log-probs, and the registry
+of loss types (how per-token losses are aggregated into one number).
 
 Shapes: N completions, T completion tokens (right-padded; `mask` marks real tokens, a final EOS included).
+A new loss type is one function registered here with `@loss_type("name")`; the config accepts exactly the
+registered names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+@dataclass(frozen=True)
+class Normalisers:
+    """What a loss type may divide the summed per-token losses by. Counts are those of the whole accumulated
+    batch (every micro-batch of the step), so micro-batch losses sum to the loss of the whole batch."""
+
+    num_sequences: int  # N: this process's completions in the step
+    local_tokens: float  # completion tokens of those N completions
+    global_tokens: float  # completion tokens of the global batch / W processes (= local_tokens on one process)
+    max_completion_length: int | None
+
+
+Aggregation = Callable[[torch.Tensor, torch.Tensor, Normalisers], torch.Tensor]
+LOSS_TYPES: dict[str, Aggregation] = {}
+
+
+def loss_type(name: str) -> Callable[[Aggregation], Aggregation]:
+    """Register fn(token_losses [N, T] (zero outside the mask), mask [N, T], Normalisers) -> 0-dim loss under
+    `name`. Names are never overwritten."""
+    def register(fn: Aggregation) -> Aggregation:
+        if name in LOSS_TYPES:
+            raise ValueError(f"loss type {name!r} is already registered (registered: {', '.join(LOSS_TYPES)})")
+        LOSS_TYPES[name] = fn
+        return fn
+    return register
+
+
+@loss_type("grpo")
+def _per_sequence_mean(token_losses, mask, n: Normalisers):
+    """(1/N) sum_i (1/|o_i|) sum_t l_{i,t}   (DeepSeekMath)"""
+    return (token_losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / n.num_sequences
+
+
+@loss_type("bnpo")
+def _local_token_mean(token_losses, mask, n: Normalisers):
+    """sum_{i,t} l_{i,t} / sum_i |o_i|   (this process's tokens)"""
+    return token_losses.sum() / max(float(n.local_tokens), 1.0)
+
+
+@loss_type("dapo")
+def _global_token_mean(token_losses, mask, n: Normalisers):
+    """sum_{i,t} l_{i,t} / tokens of the global batch   (DAPO's token-level loss)"""
+    return token_losses.sum() / max(float(n.global_tokens), 1.0)
+
+
+@loss_type("dr_grpo")
+def _constant_normaliser(token_losses, mask, n: Normalisers):
+    """sum_{i,t} l_{i,t} / (N * max_completion_length)   (Dr. GRPO: no length bias)"""
+    if n.max_completion_length is None:
+        raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+    return token_losses.sum() / (n.num_sequences * n.max_completion_length)
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -45,6 +101,7 @@ def policy_loss(
     importance_level: str = "token",
     num_sequences: int | None = None,
     num_tokens: float | None = None,
+    local_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate minus a KL penalty, aggregated over tokens as `loss_type` says.
 
@@ -52,20 +109,21 @@ def policy_loss(
         ratio    = exp(logprobs - old_logprobs)                  (importance_level="token")
                    exp(mean_t(logprobs - old_logprobs)) per i     (importance_level="sequence", GSPO)
         l_{i,t}  = -min(ratio * A_i, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A_i) + beta * KL_{i,t}
-    Aggregation, with |o_i| the tokens of completion i:
+    Aggregation: the registered LOSS_TYPES[loss_type], with |o_i| the tokens of completion i:
         grpo:    (1/N) sum_i (1/|o_i|) sum_t l_{i,t}          (DeepSeekMath)
-        bnpo:    sum_{i,t} l_{i,t} / sum_i |o_i|
-        dapo:    sum_{i,t} l_{i,t} / num_tokens               (tokens of the whole accumulated, global batch)
+        bnpo:    sum_{i,t} l_{i,t} / local_tokens             (this process's tokens, sum_i |o_i|)
+        dapo:    sum_{i,t} l_{i,t} / num_tokens               (tokens of the whole accumulated, global batch / W)
         dr_grpo: sum_{i,t} l_{i,t} / (N * max_completion_length)
-    For gradient accumulation pass the whole batch's `num_sequences` (N) and `num_tokens`: the losses of the
-    micro-batches then sum to the loss of the whole batch, for every loss_type.
+    For gradient accumulation pass the whole batch's `num_sequences` (N), `num_tokens` and `local_tokens`
+    (default: num_tokens, else this call's mask): the losses of the micro-batches then sum to the loss of the
+    whole batch, for every loss_type.
 
     Worked example (on-policy, beta 0, grpo): ratio = 1 everywhere, so the loss is -mean_i(A_i); with
     A = [1, -1, 2] and any mask with a token in each row, loss = -2/3.
     Returns the 0-dim loss and float metrics (clip ratios, mean KL when beta > 0).
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logprobs.dtype)
     lengths = mask.sum(dim=1)  # [N]
@@ -87,16 +145,10 @@ def policy_loss(
         per_token = per_token + beta * kl
         metrics["kl"] = _masked_mean(kl.detach(), mask)
 
-    n = num_sequences if num_sequences is not None else logprobs.shape[0]
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / lengths.clamp(min=1)).sum() / n
-    elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
-        loss = (per_token * mask).sum() / (n * max_completion_length)
-    else:
-        tokens = num_tokens if num_tokens is not None else mask.sum().item()
-        loss = (per_token * mask).sum() / max(float(tokens), 1.0)
+    tokens = mask.sum().item() if num_tokens is None else num_tokens
+    normalisers = Normalisers(num_sequences if num_sequences is not None else logprobs.shape[0],
+                              tokens if local_tokens is None else local_tokens, tokens, max_completion_length)
+    loss = LOSS_TYPES[loss_type](per_token * mask, mask, normalisers)
 
     with torch.no_grad():
         r = ratio.expand_as(per_token)

@@ -1,7 +1,16 @@
-"""The policy and reference models placed on the processes by the engine accelerate was launched with (one
-process, DDP, FSDP2, DeepSpeed ZeRO-2/3), and what the trainer asks of them whatever the engine: whole
-weights for generation, full states for a checkpoint, a checkpoint restored. The engines' own differences
-live in grpo.backend.fsdp (FSDP2) and grpo.backend.deepspeed (DeepSpeed).
+"""The backend: how the policy and reference models are placed on the processes and stepped.
+
+`Backend` is one process or DDP (accelerate's plain engines); grpo.backend.fsdp and grpo.backend.deepspeed
+subclass it for FSDP2 and DeepSpeed ZeRO-2/3. One is chosen at start (grpo.backend.make_backend) and the
+training loop asks it, whatever the engine, for:
+- placement: `prepare` loads the models and optimizer and hands them to the engine; on a CPU with whole
+  weights it installs the CPU kernels (grpo.backend.cpu) on them, once;
+- generation weights: `whole_model()` yields the causal LM with whole weights (collective when sharded);
+- stepping: `backward`, `accumulating()` (a micro-batch that is not the last of the step) and `step`
+  (clip, optimizer and schedule step, a non-finite update skipped);
+- collectives: `gather`, `mean`, `sum`, `any` (plain values on one process);
+- checkpoints: `whole_weights`, `checkpoint_states`, `restore_hooks`.
+It knows nothing of rewards, advantages or losses.
 """
 
 from __future__ import annotations
@@ -9,118 +18,175 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import shutil
+import math
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from grpo.backend import deepspeed as zero
-from grpo.io.checkpoint import without_tied_copies
-from grpo.modeling.logprobs import LogprobModel
-from grpo.modeling.loading import load_model
 from grpo.backend.accelerator import make_optimizer, make_scheduler
-from grpo.backend.fsdp import (check_supported, full_parameters, is_sharded, load_model_state, load_optimizer_state,
-                           model_state, optimizer_state, settle_root, shard_reference)
+from grpo.backend.allocator import keep_freed_memory
+from grpo.backend.cpu import install_cpu_kernels, weights_changed
+from grpo.modeling.loading import load_model
+from grpo.modeling.logprobs import LogprobModel, causal_lm
 
 
 @dataclasses.dataclass
 class Models:
-    accelerator: Accelerator
     policy: torch.nn.Module  # the prepared LogprobModel (DDP-, FSDP- or DeepSpeed-wrapped): training passes
     model: torch.nn.Module  # the causal LM inside it
     reference: torch.nn.Module | None  # frozen; a LogprobModel or causal LM ready for no-gradient passes
     optimizer: torch.optim.Optimizer
     scheduler: object
-    sharded: bool = False  # FSDP2
-    deepspeed: bool = False
-    zero3: bool = False
+
+
+class Backend:
+    """One process, or data parallelism (DDP) over several: every process holds whole weights."""
+
+    name = "single process / DDP"
+    whole_weights_on_every_process = True  # False: sharded or partitioned (no CPU kernels, no weight copies)
+    whole_weight_options = True  # ref_reset_every, MoE bias updates and routing replay work here
+    fused_head = True  # log-probs through grpo.modeling.head (False where the head's weight is partitioned)
+
+    def __init__(self, accelerator: Accelerator, cfg):
+        self.accelerator, self.cfg = accelerator, cfg
+        self.device = accelerator.device
+        self.num_processes, self.rank = accelerator.num_processes, accelerator.process_index
+        self.is_main_process = accelerator.is_main_process
+        self.autocast = accelerator.autocast
+        self.models: Models | None = None
+        if self.device.type == "cpu" and cfg.train.reuse_host_memory:
+            keep_freed_memory()
+
+    # placement
+
+    def prepare(self, micro_batches: int) -> Models:
+        """Load the policy (and the reference when algorithm.beta > 0), build the optimizer and schedule, and
+        hand them to the engine. micro_batches: per process and step."""
+        cfg = self.cfg
+        self._check_options()
+        self._configure(micro_batches)
+        policy = load_model(cfg.model, self.device)
+        reference = self._load_reference(policy) if cfg.algorithm.beta > 0 else None
+        optimizer = make_optimizer(policy.parameters(), cfg.optim, self.device)
+        scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.algorithm.num_iterations)
+        # one module call per micro-batch, so DDP sees one forward per backward
+        policy_module, optimizer, scheduler = self.accelerator.prepare(LogprobModel(policy, self.fused_head),
+                                                                       optimizer, scheduler)
+        reference = self._place_reference(policy_module, reference)
+        model = self.accelerator.unwrap_model(policy_module).model
+        if self.device.type == "cpu" and self.whole_weights_on_every_process and cfg.train.onednn_linear:
+            for module in (model, reference):
+                if module is not None:
+                    install_cpu_kernels(causal_lm(module))
+        self.models = Models(policy_module, model, reference, optimizer, scheduler)
+        return self.models
+
+    def _check_options(self) -> None:
+        if not self.whole_weight_options:
+            refuse_whole_weight_options(self.cfg, self.name)
+
+    def _configure(self, micro_batches: int) -> None:
+        """Tell the engine the step's shape before prepare() (DeepSpeed)."""
+
+    def _load_reference(self, policy: torch.nn.Module) -> torch.nn.Module:
+        return copy.deepcopy(policy).requires_grad_(False)
+
+    def _place_reference(self, policy_module, reference):
+        return reference
 
     @contextlib.contextmanager
-    def gathered(self):
+    def whole_model(self):
         """The causal LM with whole weights, for generation and evaluation. Collective when sharded."""
-        if self.zero3:
-            with zero.gathered_copy(self.model, self.accelerator.device) as plain:
-                yield plain
+        yield self.models.model
+
+    # stepping
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def accumulating(self):
+        """Context for a micro-batch that is not the last of its step: gradients accumulate, nothing syncs."""
+        return self.accelerator.no_sync(self.models.policy)
+
+    def step(self, max_grad_norm: float, loss_finite: bool) -> tuple[float, bool]:
+        """Clip the gradient norm (max_grad_norm <= 0: no clipping), step the optimizer and the schedule, zero
+        the gradients. A NaN or inf loss or gradient never reaches the weights. Returns (grad_norm, skipped)."""
+        m, accelerator = self.models, self.accelerator
+        max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(m.policy.parameters(), max_norm)  # DeepSpeed: its step's norm
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if accelerator.scaler is not None:  # fp16: the scaler skips a non-finite step itself and must see every step
+            scale = accelerator.scaler.get_scale()
+            m.optimizer.step()  # unscaled by clip_grad_norm_ above; skipped on inf/NaN, then the scale is updated
+            skipped = accelerator.scaler.get_scale() < scale  # it backs off exactly when it skipped (a fused AdamW
+            # skips inside its kernel, which accelerate's step_was_skipped does not see)
         else:
-            with full_parameters(self.policy, self.accelerator):
-                yield self.model
+            skipped = not (loss_finite and math.isfinite(grad_norm))
+            if not skipped:
+                m.optimizer.step()
+        if not skipped:
+            m.scheduler.step()
+        weights_changed(m.model)  # a fused optimizer step leaves the version counters as they were
+        m.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, skipped
+
+    # collectives
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """values [n] of every process, concatenated in rank order, on the CPU."""
+        if self.num_processes == 1:
+            return values.cpu()
+        return self.accelerator.gather(values.to(self.device)).cpu()
+
+    def mean(self, value: float) -> float:
+        if self.num_processes == 1:
+            return value
+        return self.accelerator.reduce(torch.tensor(float(value), device=self.device), "mean").item()
+
+    def mean_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean over processes of a tensor of the same shape on every process."""
+        if self.num_processes == 1:
+            return value
+        return self.accelerator.reduce(value.to(self.device), "mean")
+
+    def sum(self, value: torch.Tensor) -> float:
+        """The sum over processes of a 0-dim tensor, as a float."""
+        if self.num_processes == 1:
+            return value.item()
+        return self.accelerator.reduce(value.to(self.device), "sum").item()
+
+    def any(self, flag: bool) -> bool:
+        if self.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.device), "sum").item())
+
+    def print(self, *args) -> None:
+        """print on the main process only."""
+        self.accelerator.print(*args)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # checkpoints
 
     def whole_weights(self) -> dict | None:
         """Full weights without tied copies on the main process (None elsewhere) when the policy is sharded
         or partitioned; None when model.state_dict() already holds them. Collective."""
-        if self.sharded:
-            return model_state(self.policy, self.accelerator)
-        if not self.zero3:
-            return None
-        with self.gathered() as whole:
-            if not self.accelerator.is_main_process:
-                return None
-            state = without_tied_copies(whole, whole.state_dict())
-            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return None
 
     def checkpoint_states(self, out: Path, step: int) -> dict:
         """save_checkpoint's engine-dependent arguments (model_state, optimizer_state, move_in). Collective."""
-        states = {"model_state": self.whole_weights(), "optimizer_state": None, "move_in": None}
-        if self.sharded:
-            states["optimizer_state"] = optimizer_state(self.policy, self.optimizer, self.accelerator)
-        if self.deepspeed:  # every process writes its optimizer partition, then the checkpoint takes the folder
-            staging = out / f"checkpoint-{step}.{zero.ENGINE_DIR}.tmp"
-            if self.accelerator.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-            self.accelerator.wait_for_everyone()
-            zero.save_engine_state(self.policy, staging)
-            self.accelerator.wait_for_everyone()
-            states.update(optimizer_state={}, move_in={zero.ENGINE_DIR: staging})
-        return states
+        return {"model_state": self.whole_weights(), "optimizer_state": None, "move_in": None}
 
     def restore_hooks(self, checkpoint: Path) -> dict:
         """load_checkpoint's engine-dependent arguments (load_model, load_optimizer)."""
-        if self.sharded:
-            return {"load_model": lambda weights: load_model_state(self.policy, weights),
-                    "load_optimizer": lambda state: load_optimizer_state(self.policy, self.optimizer, state)}
-        if self.deepspeed:
-            hooks = {"load_optimizer": lambda _: zero.load_engine_state(self.policy, checkpoint / zero.ENGINE_DIR)}
-            if self.zero3:  # partitioned weights come back with the engine's state
-                hooks["load_model"] = lambda weights: None
-            return hooks
         return {}
 
 
-def prepare_models(cfg, accelerator: Accelerator, micro_batches: int):
-    """Load the policy (and the reference when algorithm.beta > 0), build the optimizer and schedule, and
-    hand them to the launched engine. Returns (Models, cfg); cfg loses train.onednn_linear where weights
-    are sharded (oneDNN packing needs whole weights)."""
-    sharded, deepspeed = is_sharded(accelerator), zero.is_deepspeed(accelerator)
-    zero3 = zero.stage(accelerator) == 3
-    check_supported(accelerator)
-    if sharded or deepspeed:
-        _refuse_whole_weight_options(cfg, "FSDP" if sharded else "DeepSpeed")
-    if deepspeed:
-        zero.configure(accelerator, cfg, micro_batches)
-    if sharded or zero3:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, onednn_linear=False))
-    policy = load_model(cfg.model, accelerator.device)
-    reference = None
-    if cfg.algorithm.beta > 0:  # under ZeRO-3 the policy is partitioned as it loads: the reference loads anew
-        reference = (load_model(cfg.model, accelerator.device, trainable=False) if zero3 else
-                     copy.deepcopy(policy)).requires_grad_(False)
-    optimizer = make_optimizer(policy.parameters(), cfg.optim, accelerator.device)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.algorithm.num_iterations)
-    # one module call per micro-batch, so DDP sees one forward per backward
-    policy_module, optimizer, scheduler = accelerator.prepare(LogprobModel(policy), optimizer, scheduler)
-    if sharded:
-        settle_root(policy_module, accelerator.device)
-        if reference is not None:
-            reference = shard_reference(LogprobModel(reference), accelerator)
-    if zero3 and reference is not None:
-        reference = zero.reference_engine(LogprobModel(reference), accelerator)
-    model = accelerator.unwrap_model(policy_module).model
-    return Models(accelerator, policy_module, model, reference, optimizer, scheduler, sharded, deepspeed, zero3), cfg
-
-
-def _refuse_whole_weight_options(cfg, engine: str) -> None:
-    """Options that update or read whole weights outside the training pass; refused under sharded engines."""
+def refuse_whole_weight_options(cfg, engine: str) -> None:
+    """Options that update or read whole weights outside the training pass; refused where the engine owns
+    or partitions them."""
     set_ = [name for name, value in (("algorithm.ref_reset_every", cfg.algorithm.ref_reset_every),
                                      ("moe.bias_update_speed", cfg.moe.bias_update_speed),
                                      ("moe.routing_replay", cfg.moe.routing_replay)) if value]

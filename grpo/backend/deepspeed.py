@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import weakref
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+
+from grpo.backend.base import Backend
+from grpo.io.checkpoint import without_tied_copies
+from grpo.modeling.loading import load_model
+from grpo.modeling.logprobs import LogprobModel
 
 ENGINE_DIR, TAG = "deepspeed", "state"
 _PLAIN_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # causal LM -> its meta-device plain copy
@@ -54,11 +60,6 @@ def configure(accelerator: Accelerator, cfg, micro_batches: int) -> None:
     ds["gradient_clipping"] = cfg.optim.max_grad_norm
     ds.pop("train_batch_size", None)  # derived by accelerate from the three above
     accelerator.gradient_accumulation_steps = micro_batches
-
-
-def backward(accelerator: Accelerator):
-    """accelerator.backward without the engine's division by the accumulation steps."""
-    return lambda loss: accelerator.backward(loss, scale_wrt_gas=False)
 
 
 @contextlib.contextmanager
@@ -125,3 +126,72 @@ def gathered_copy(model: torch.nn.Module, device: torch.device):
         yield plain
     finally:
         plain.to("meta")
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO-2 (optimizer state and gradients partitioned) or ZeRO-3 (weights partitioned too): the
+    engine owns the backward pass, the optimizer step and the optimizer state."""
+
+    name = "DeepSpeed"
+    whole_weight_options = False
+
+    def __init__(self, accelerator: Accelerator, cfg):
+        super().__init__(accelerator, cfg)
+        self.zero3 = stage(accelerator) == 3
+        self.whole_weights_on_every_process = self.fused_head = not self.zero3
+
+    def _configure(self, micro_batches: int) -> None:
+        configure(self.accelerator, self.cfg, micro_batches)
+
+    def _load_reference(self, policy):
+        if not self.zero3:
+            return super()._load_reference(policy)
+        # the policy was partitioned as it loaded: the reference loads anew
+        return load_model(self.cfg.model, self.device, trainable=False).requires_grad_(False)
+
+    def _place_reference(self, policy_module, reference):
+        if reference is None or not self.zero3:
+            return reference
+        return reference_engine(LogprobModel(reference, fused_head=False), self.accelerator)
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        if not self.zero3:
+            yield self.models.model
+            return
+        with gathered_copy(self.models.model, self.device) as plain:
+            yield plain
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss, scale_wrt_gas=False)  # each micro-batch's loss is already normalised
+
+    def accumulating(self):
+        return deferred_step(self.accelerator)  # the engine steps inside the last micro-batch's backward
+
+    def whole_weights(self) -> dict | None:
+        if not self.zero3:
+            return None
+        with self.whole_model() as whole:
+            if not self.is_main_process:
+                return None
+            state = without_tied_copies(whole, whole.state_dict())
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def checkpoint_states(self, out: Path, step: int) -> dict:
+        """Every process writes its optimizer partition, then the checkpoint takes the folder."""
+        states = super().checkpoint_states(out, step)
+        staging = out / f"checkpoint-{step}.{ENGINE_DIR}.tmp"
+        if self.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.barrier()
+        save_engine_state(self.models.policy, staging)
+        self.barrier()
+        states.update(optimizer_state={}, move_in={ENGINE_DIR: staging})
+        return states
+
+    def restore_hooks(self, checkpoint: Path) -> dict:
+        policy = self.models.policy
+        hooks = {"load_optimizer": lambda _: load_engine_state(policy, checkpoint / ENGINE_DIR)}
+        if self.zero3:  # partitioned weights come back with the engine's state
+            hooks["load_model"] = lambda weights: None
+        return hooks

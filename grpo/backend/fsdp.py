@@ -21,7 +21,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from grpo.backend.base import Backend
 from grpo.io.checkpoint import without_tied_copies
+from grpo.modeling.logprobs import LogprobModel
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -126,3 +128,36 @@ def load_optimizer_state(module: torch.nn.Module, optimizer, state: dict) -> Non
         state = {"state": {names[k]: v for k, v in state["state"].items()},
                  "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(module, getattr(optimizer, "optimizer", optimizer), state, options=_options())
+
+
+class FSDPBackend(Backend):
+    """FSDP2: each process holds a shard of every parameter (and of the reference's)."""
+
+    name = "FSDP"
+    whole_weights_on_every_process = whole_weight_options = False
+
+    def _check_options(self) -> None:
+        check_supported(self.accelerator)
+        super()._check_options()
+
+    def _place_reference(self, policy_module, reference):
+        settle_root(policy_module, self.device)
+        return None if reference is None else shard_reference(LogprobModel(reference), self.accelerator)
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        with full_parameters(self.models.policy, self.accelerator):
+            yield self.models.model
+
+    def whole_weights(self) -> dict | None:
+        return model_state(self.models.policy, self.accelerator)
+
+    def checkpoint_states(self, out, step: int) -> dict:
+        states = super().checkpoint_states(out, step)
+        states["optimizer_state"] = optimizer_state(self.models.policy, self.models.optimizer, self.accelerator)
+        return states
+
+    def restore_hooks(self, checkpoint) -> dict:
+        policy, optimizer = self.models.policy, self.models.optimizer
+        return {"load_model": lambda weights: load_model_state(policy, weights),
+                "load_optimizer": lambda state: load_optimizer_state(policy, optimizer, state)}

@@ -5,8 +5,11 @@ blocked layout, which on CPUs runs decoding-sized products (a few dozen rows) ab
 default kernel, whose cost there is dominated by re-reading W for every call. Only the order of the
 floating-point sums differs, so outputs match the plain layer to rounding (tests/test_onednn.py).
 
-Used around generation and the no-gradient log-prob passes (reference model, pi_old). With gradients on,
-a patched layer calls its own forward, so training is untouched.
+Installed once on a CPU model (`install`, by the backend that prepares it): from then on every pass
+without gradient (generation, the reference and pi_old log-probs, evaluation) runs packed, and a pass with
+gradients calls the layer's own forward, so training is untouched. A packed copy lives until the weight
+changes (the next no-gradient pass re-packs it) or a training pass uses the layer (which drops it, so it
+does not sit in memory beside the activations and gradients).
 """
 
 from __future__ import annotations
@@ -52,30 +55,46 @@ def _packed(layer: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, t
 def _forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(layer.weight, "cpu")
     if torch.is_grad_enabled() or not packs(dtype):
+        layer.__dict__.pop("_onednn_cache", None)  # stale once the update steps; not kept beside the gradients
         return torch.nn.Linear.forward(layer, x)
     packed, bias = _packed(layer, dtype)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
-@contextlib.contextmanager
-def packed_linears(model: torch.nn.Module, enabled: bool = True, keep: bool = False):
-    """Within the block, every nn.Linear of `model` runs through oneDNN with packed weights when no
-    gradient is being recorded (a no-op when `enabled` is False or `available(model)` is not).
+def _linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype in
+            (torch.float32, torch.bfloat16)]
 
-    keep=True leaves the packed copies on the layers after the block, for a model whose weights rarely
-    change (the frozen reference); otherwise they are dropped (they cost one more copy of the weights).
-    """
-    if not enabled or not available(model):
-        yield
-        return
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype in
-              (torch.float32, torch.bfloat16)]
-    for layer in layers:
+
+def install(model: torch.nn.Module) -> bool:
+    """Every nn.Linear of `model` runs through oneDNN with packed weights whenever no gradient is recorded.
+    Returns False (and changes nothing) where `available(model)` is not."""
+    if not available(model):
+        return False
+    for layer in _linears(model):
         layer.forward = types.MethodType(_forward, layer)
+    return True
+
+
+def release(model: torch.nn.Module) -> None:
+    """Drop the packed copies of `model`'s layers (its weights changed, or will)."""
+    for layer in _linears(model):
+        layer.__dict__.pop("_onednn_cache", None)
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Undo `install`: the layers' own forward again, packed copies dropped."""
+    for layer in _linears(model):
+        layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("_onednn_cache", None)
+
+
+@contextlib.contextmanager
+def packed_linears(model: torch.nn.Module):
+    """`install` for the duration of the block (comparisons with the plain layers)."""
+    installed = install(model)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
-            if not keep and hasattr(layer, "_onednn_cache"):
-                del layer._onednn_cache
+        if installed:
+            uninstall(model)

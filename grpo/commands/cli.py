@@ -128,7 +128,8 @@ def _run(args, parser) -> int:
     if args.command == "eval":
         import json
 
-        from grpo.evaluate import evaluate_checkpoint, format_samples
+        from grpo.commands.evaluate import evaluate_checkpoint
+        from grpo.evaluate import format_samples
 
         evaluation = evaluate_checkpoint(cfg, args.checkpoint)
         print(f"greedy completions ({cfg.eval.reward} score):\n"

@@ -16,7 +16,7 @@ DONE = "DONE"
 
 
 def run_stage(stage: Stage) -> dict:
-    from grpo.evaluate import evaluate_checkpoint
+    from grpo.commands.evaluate import evaluate_checkpoint
     from grpo.commands.rejection import generate_dataset
     from grpo.commands.sft import sft
     from grpo.trainer import train

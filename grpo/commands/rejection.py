@@ -12,9 +12,10 @@ from accelerate.utils import set_seed
 
 from grpo.config import Config
 from grpo.data import load_examples
-from grpo.modeling.loading import load_model, load_tokenizer
+from grpo.backend import load_inference_model
 from grpo.backend.accelerator import make_accelerator, model_config_for
-from grpo.rollout.builtin import generate
+from grpo.modeling.loading import load_tokenizer
+from grpo.rollout import BuiltinEngine, Sampling
 from grpo.scoring.scorer import Scorer
 
 
@@ -48,7 +49,7 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(model_cfg)
     examples, _ = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer)
-    model = load_model(model_cfg, accelerator.device, trainable=False)
+    engine = BuiltinEngine(tokenizer, accelerator.autocast, load_inference_model(model_cfg, cfg.train, accelerator.device))
     out = Path(cfg.train.output_dir) / g.output
     out.parent.mkdir(parents=True, exist_ok=True)
     sampling = {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p, "top_k": cfg.rollout.top_k,
@@ -59,8 +60,7 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
         with open(out, "w") as f:
             for start in range(0, len(examples), g.prompts_per_batch):
                 batch = examples[start:start + g.prompts_per_batch]
-                rollouts = generate(model, tokenizer, [e["prompt"] for e in batch], g.num_samples, cfg.rollout,
-                                    autocast=accelerator.autocast, onednn_linear=cfg.train.onednn_linear)
+                rollouts = engine.generate([e["prompt"] for e in batch], Sampling.from_config(cfg.rollout, g.num_samples))
                 group = [e for e in batch for _ in range(g.num_samples)]
                 scores = scorer(rollouts.texts, group, rollouts.completion_mask.sum(dim=1).tolist(), training=False)
                 for p, example in enumerate(batch):

@@ -3,14 +3,19 @@
 A router is any submodule whose output holds an integer tensor of chosen experts [tokens, k] beside a float
 tensor of router logits [tokens, E] (transformers' DeepseekV3TopkRouter returns (logits, weights, indices)).
 Statistics cover every token the model processed while recording (prompt, completion and padding positions
-of the training forward). Knows nothing of training; dense models have no routers and give no metrics.
+of the training forward). The functions know nothing of training; `MoEHook` joins them to the training step
+at its hook points (grpo.hooks.base). Dense models have no routers: no hook is installed, no metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
+
+from grpo.hooks.base import StepHook
+from grpo.modeling.logprobs import causal_lm, rollout_logprobs
 
 
 def routing_metrics(topk_indices: torch.Tensor, router_logits: torch.Tensor, num_experts: int) -> dict[str, float]:
@@ -164,3 +169,62 @@ def update_selection_bias(router, load: torch.Tensor, speed: float) -> None:
         raise ValueError(f"{type(router).__name__} has no selection bias (e_score_correction_bias) to update")
     with torch.no_grad():
         bias += speed * torch.sign(load.mean() - load).to(bias.device, bias.dtype)
+
+
+class MoEHook(StepHook):
+    """Mixture-of-experts routing in the training step: routing metrics of the training passes (moe/*),
+    drift between the experts chosen while decoding and in a teacher-forced pass (moe/routing_drift),
+    DeepSeek-V3's bias balancing (moe.bias_update_speed) and routing replay (moe.routing_replay)."""
+
+    def __init__(self, cfg, backend):
+        self.cfg, self.backend = cfg, backend
+        self._decoding = self._training = None
+
+    @contextlib.contextmanager
+    def rollout(self, model):
+        self._decoding = RouterProbe(model)
+        with self._decoding.recording():
+            yield
+
+    def after_rollout(self, model, rollouts) -> dict[str, float]:
+        N, T = rollouts.completion_ids.shape
+        rollouts.routes = {name: decode_routes(calls, rollouts.decode_rows, N, T, calls[0][0].shape[-1])
+                           for name, calls in self._decoding.calls().items()}
+        start = time.perf_counter()
+        drift = self._routing_drift(model, rollouts)
+        return {"moe/routing_drift": drift, "time/routing_drift": time.perf_counter() - start}
+
+    def _routing_drift(self, model, rollouts) -> float:
+        """Fraction of completion tokens whose experts differ between decoding and a teacher-forced pass of
+        the same policy through the training path (shared prompt, one batch), averaged over MoE layers."""
+        N, T = rollouts.completion_ids.shape
+        if T < 2:
+            return float("nan")
+        training = RouterProbe(model)
+        with torch.no_grad(), self.backend.autocast(), training.recording():
+            rollout_logprobs(model, rollouts, slice(0, N), self.cfg.rollout.num_generations,
+                             self.cfg.rollout.temperature)
+        drifts = []
+        for name, calls in training.calls().items():
+            k = calls[1][0].shape[-1]  # call 0 ran the prompts, call 1 the completions
+            trained = calls[1][0].reshape(N, T - 1, k).cpu()
+            decoded = rollouts.routes[name][:, :T - 1]
+            drifts.append(routing_drift(decoded, trained, rollouts.completion_mask[:, :T - 1].cpu()))
+        return sum(drifts) / len(drifts)
+
+    def micro_batch(self, policy, batch, rows: slice):
+        routes = batch.routes if self.cfg.moe.routing_replay else None
+        return replay_routes(causal_lm(policy), routes, rows, batch.completion_ids.shape[1])
+
+    @contextlib.contextmanager
+    def update(self, policy):
+        self._training = RouterProbe(self.backend.accelerator.unwrap_model(policy))
+        with self._training.recording():
+            yield
+
+    def after_step(self, skipped: bool) -> dict[str, float]:
+        probe, speed = self._training, self.cfg.moe.bias_update_speed
+        if speed and not skipped:
+            for name, load in probe.loads().items():
+                update_selection_bias(probe.routers[name], self.backend.mean_tensor(load), speed)
+        return probe.metrics()

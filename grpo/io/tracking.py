@@ -1,17 +1,19 @@
 """Where metrics go: the console, output_dir/metrics.jsonl, output_dir/completions.jsonl and wandb.
 
-The loop calls `log(metrics, step)`, `log_completions(...)` and `finish()` and nothing else; with wandb
+The loop calls `log(metrics, step)`, `log_completions(...)` and `finish()` and nothing else (and times its phases with `PhaseTimer`); with wandb
 disabled the wandb part is simply absent, so the loop never asks whether wandb is on. Non-main processes get
 a `NullTracker`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import netrc
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 
 CONSOLE_KEYS = [("reward", "reward", "{:.3f}"), ("sft/loss", "sft_loss", "{:.4f}"), ("eval/accuracy", "eval_acc", "{:.3f}"), ("kl", "kl", "{:.4f}"),
@@ -113,3 +115,19 @@ def _duration(seconds: float) -> str:
 
 def _jsonable(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class PhaseTimer:
+    """Wall time of each named phase of a step, for time/<phase> metrics."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}

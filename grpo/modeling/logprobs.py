@@ -52,8 +52,8 @@ def split_head(model):
     if type(model).__name__ not in PLAIN_HEAD_MODELS:
         return None
     head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None or hasattr(head.weight, "ds_id"):
-        return None  # ds_id: partitioned by DeepSpeed ZeRO-3, whole only inside the head's own forward
+    if head is None or getattr(head, "bias", None) is not None:
+        return None
     return model.get_decoder(), head.weight
 
 
@@ -63,14 +63,15 @@ def cache_arg(module) -> str:
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
-                        temperature: float = 1.0, entropy: list | None = None) -> torch.Tensor:
+                        temperature: float = 1.0, entropy: list | None = None, fused_head: bool = True) -> torch.Tensor:
     """Log-probs [N, T] of the last T = completion_length tokens of input_ids [N, P + T].
 
     Left-padded prompts get positions from the attention mask, so a padded row scores as it would alone.
     Only the logits that predict completion tokens are computed (logits_to_keep = T + 1); with the fused
-    head, only those of tokens inside the attention mask (others are 0).
+    head, only those of tokens inside the attention mask (others are 0). fused_head=False always takes the
+    plain path (a backend whose head weight is partitioned, whole only inside the head's own forward).
     """
-    split = split_head(model)
+    split = split_head(model) if fused_head else None
     if split is not None:
         decoder, weight = split
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
@@ -86,7 +87,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                            completion_mask: torch.Tensor, prompt_index: torch.Tensor,
-                           temperature: float = 1.0, entropy: list | None = None) -> torch.Tensor:
+                           temperature: float = 1.0, entropy: list | None = None,
+                           fused_head: bool = True) -> torch.Tensor:
     """Log-probs [n, T] of completions that share prompts, running each prompt through the model once.
 
     prompt_ids, prompt_mask: [U, P] left-padded distinct prompts; completion_ids, completion_mask: [n, T];
@@ -94,9 +96,9 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     indexed out to the n completions, and the completions attend to it; gradients flow back through the
     cache into the prompt pass. Equal to `completion_logprobs` on the concatenated rows, with U * P instead
     of n * P prompt tokens in the forward and backward passes. With the fused head (`split_head`), positions
-    outside completion_mask are 0.
+    outside completion_mask are 0; fused_head as in `completion_logprobs`.
     """
-    split = split_head(model)
+    split = split_head(model) if fused_head else None
     if split is not None:
         return _shared_prefix_head_logprobs(*split, model.get_input_embeddings(), prompt_ids, prompt_mask,
                                             completion_ids, completion_mask, prompt_index, temperature, entropy)
@@ -142,11 +144,11 @@ def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask
 class LogprobModel(torch.nn.Module):
     """A causal LM seen as a function from (prompts, completions) to per-token log-probs: one module call
     per micro-batch, so torch DDP (one forward per backward) can wrap it even when the prompt and the
-    completions run as two passes of the LM."""
+    completions run as two passes of the LM. fused_head: as in `completion_logprobs`, decided by the backend."""
 
-    def __init__(self, model):
+    def __init__(self, model, fused_head: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.fused_head = model, fused_head
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index=None,
                 temperature: float = 1.0, with_entropy: bool = False):
@@ -154,12 +156,18 @@ class LogprobModel(torch.nn.Module):
         entropy = [] if with_entropy else None
         if prompt_index is not None:
             logprobs = shared_prefix_logprobs(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                              prompt_index, temperature, entropy)
+                                              prompt_index, temperature, entropy, self.fused_head)
         else:
             logprobs = completion_logprobs(self.model, torch.cat([prompt_ids, completion_ids], dim=1),
                                            torch.cat([prompt_mask, completion_mask], dim=1),
-                                           completion_ids.shape[1], temperature, entropy)
+                                           completion_ids.shape[1], temperature, entropy, self.fused_head)
         return logprobs, (entropy[0] if with_entropy else None)
+
+
+def causal_lm(policy):
+    """The causal LM inside a (DDP-wrapped) LogprobModel, or `policy` itself."""
+    module = getattr(policy, "module", policy)
+    return module.model if isinstance(module, LogprobModel) else module
 
 
 def rollout_logprobs(model, rollouts, rows: slice, group_size: int, temperature: float = 1.0,

@@ -1,4 +1,4 @@
-"""Rollout: the only place that generates. A faster backend (vLLM, say) replaces this module alone.
+"""The built-in rollout engine: generation with the policy itself, in this process.
 
 Samples G completions per prompt with a KV-cached decoding loop over any transformers causal LM:
 - each distinct prompt is prefilled once and its cache is repeated for its G completions;
@@ -7,20 +7,20 @@ Samples G completions per prompt with a KV-cached decoding loop over any transfo
   decoding stops when all have finished;
 - sampling draws one uniform number per row and inverts the CDF of softmax(logits / temperature),
   after optional top-k / top-p filtering; greedy decoding takes the argmax.
-Returns token ids with masks; knows nothing of rewards or losses.
+Returns token ids with masks; knows nothing of rewards or losses. Other engines implement the same
+interface (grpo.rollout.base.RolloutEngine).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from grpo.modeling.logprobs import cache_arg, position_ids_from_mask
-from grpo.backend.onednn import packed_linears
+from grpo.rollout.base import Rollouts, Sampling, completion_mask, eos_token_ids
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -61,71 +61,6 @@ class PreallocatedLayer(DynamicLayer):
         self._expose()
 
 
-@dataclass
-class Rollouts:
-    """N = B * G completions, ordered group by group (the G completions of prompt 0 first)."""
-
-    prompt_ids: torch.Tensor  # [N, P] left-padded prompt tokens, each prompt repeated G times
-    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
-    completion_ids: torch.Tensor  # [N, T] right-padded completion tokens
-    completion_mask: torch.Tensor  # [N, T] 1 up to and including the first EOS
-    truncated: torch.Tensor  # [N] bool: no EOS within max_completion_length
-    texts: list[str]  # N decoded completions, special tokens removed
-    prompts: list[str]  # N prompt texts (each repeated G times)
-    decode_rows: list | None = None  # per decoding forward t: the rows [n_t] whose completion token t it fed
-    routes: dict | None = None  # mixture-of-experts: router name -> experts chosen while decoding [N, T, k], -1 unfed
-
-    def select(self, rows: torch.Tensor) -> "Rollouts":
-        """The rollouts at `rows` (a [K] index tensor), in that order."""
-        idx = rows.tolist()
-        return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                        self.completion_mask[rows], self.truncated[rows], [self.texts[i] for i in idx],
-                        [self.prompts[i] for i in idx])
-
-
-def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
-    """One Rollouts from several: prompts re-padded on the left, completions on the right."""
-    P = max(r.prompt_ids.shape[1] for r in parts)
-    T = max(r.completion_ids.shape[1] for r in parts)
-
-    def pad(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
-        extra = x.new_full((x.shape[0], width - x.shape[1]), value)
-        return torch.cat([extra, x] if left else [x, extra], dim=1)
-
-    return Rollouts(
-        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_token_id, True) for r in parts]),
-        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, True) for r in parts]),
-        completion_ids=torch.cat([pad(r.completion_ids, T, pad_token_id, False) for r in parts]),
-        completion_mask=torch.cat([pad(r.completion_mask, T, 0, False) for r in parts]),
-        truncated=torch.cat([r.truncated for r in parts]),
-        texts=[t for r in parts for t in r.texts],
-        prompts=[p for r in parts for p in r.prompts],
-    )
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Every token id that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
-
-
-def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [N, T] that keeps tokens up to and including the first EOS, and the truncated flags [N].
-
-    Built from positions, not from pad ids, so a real EOS stays in the mask even when pad == eos.
-    Example: ids [[5, 2, 2], [5, 6, 7]] with eos 2 -> mask [[1, 1, 0], [1, 1, 1]], truncated [False, True].
-    """
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
-    T = completion_ids.shape[1]
-    no_eos = torch.full_like(is_eos[:, 0], T, dtype=torch.long)
-    first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), no_eos)
-    positions = torch.arange(T, device=completion_ids.device).unsqueeze(0)
-    mask = (positions <= first_eos.unsqueeze(1)).long()
-    return mask, ~is_eos.any(dim=1)
-
-
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   greedy: bool = False, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row of logits [n, V], drawn from softmax(logits / temperature) -> [n].
@@ -158,14 +93,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *, greedy: bool = False,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             seeds: list[int] | None = None, onednn_linear: bool = False) -> Rollouts:
+             seeds: list[int] | None = None) -> Rollouts:
     """Sample `num_generations` completions for each prompt under `cfg` (a RolloutConfig).
 
     greedy=True decodes deterministically (for evaluation). `autocast` makes the mixed-precision context
     to generate in (e.g. `accelerator.autocast`). `seeds`, one per completion, give each completion its own
     random stream, so what it samples does not depend on the batch it shares (nor on how many processes
-    split the batch); without them torch's global RNG is used. onednn_linear: on a CPU, linear layers run
-    through oneDNN with weights packed once for the call (`grpo.backend.onednn`).
+    split the batch); without them torch's global RNG is used.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -175,7 +109,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
     cache_kwarg = cache_arg(model)
     was_training = model.training
     model.eval()
-    with autocast(), packed_linears(model, onednn_linear):
+    with autocast():
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                     position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
@@ -226,3 +160,21 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         prompts=[p for p in prompts for _ in range(G)],
         decode_rows=decode_rows,
     )
+
+
+class BuiltinEngine:
+    """The RolloutEngine that decodes with the policy itself (`generate`): sync_weights only points it at the
+    model, which shares the policy's memory (or is the whole-weight copy a sharded backend gathered)."""
+
+    def __init__(self, tokenizer, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 model=None):
+        self.tokenizer, self.autocast, self.model = tokenizer, autocast, model
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> Rollouts:
+        if self.model is None:
+            raise RuntimeError("BuiltinEngine.generate before sync_weights: the engine has no model yet")
+        return generate(self.model, self.tokenizer, prompts, sampling.n, sampling, greedy=sampling.greedy,
+                        autocast=self.autocast, seeds=None if sampling.seeds is None else list(sampling.seeds))

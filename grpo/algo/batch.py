@@ -1,0 +1,82 @@
+"""The training batch: what the update consumes, built from one step's rollouts and scores.
+
+make_batch runs, in order: reward shaping (DAPO's overlong penalty, or truncated completions left out of
+the loss), the no-gradient log-prob passes (pi_old when needed, pi_ref when beta > 0), the KL-in-reward
+penalty when configured (grpo.algo.kl decides), and group-relative advantages over the global batch.
+Shapes: N = B * G completions of this process, T completion tokens, P prompt tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grpo.algo.advantages import group_advantages, overlong_penalty, zero_std_fraction
+from grpo.algo.kl import KLPenalty
+from grpo.modeling.logprobs import rollout_logprobs
+
+
+@dataclass
+class TrainBatch:
+    """This process's N completions, group by group (the G completions of one prompt together)."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded prompt tokens
+    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, T] right-padded completion tokens
+    completion_mask: torch.Tensor  # [N, T] 1 up to and including the first EOS (what the model attends to)
+    loss_mask: torch.Tensor  # [N, T] the tokens the loss counts (truncated rows zeroed when masked)
+    advantages: torch.Tensor  # [N] on the device
+    rewards: torch.Tensor  # [N] shaped rewards on the CPU (what the advantages were computed from)
+    group_size: int  # G
+    old_logprobs: torch.Tensor | None = None  # [N, T] pi_old: num_iterations > 1 or the KL in the reward
+    ref_logprobs: torch.Tensor | None = None  # [N, T] pi_ref: beta > 0
+    rollout_logprobs: torch.Tensor | None = None  # [N, T] the sampler's, when the rollout engine reports them
+    routes: dict | None = None  # mixture-of-experts: experts chosen while decoding (grpo.hooks.moe)
+
+
+def shape_rewards(rewards: torch.Tensor, rollouts, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards [N] after the overlong penalty, and the completion mask [N, T] the loss uses (truncated rows
+    masked), as algorithm.truncated_completions says."""
+    a, loss_mask = cfg.algorithm, rollouts.completion_mask
+    if a.truncated_completions == "penalize":
+        lengths = rollouts.completion_mask.sum(dim=1).cpu()
+        rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_completion_length, a.overlong_buffer,
+                                             a.overlong_penalty)
+    elif a.truncated_completions == "mask":
+        loss_mask = loss_mask * (~rollouts.truncated).unsqueeze(1).long()
+    return rewards, loss_mask
+
+
+def no_grad_logprobs(model, rollouts, cfg, autocast) -> torch.Tensor:
+    """Log-probs [N, T] of the rollouts under `model` without gradients, micro-batch by micro-batch."""
+    mb, G = cfg.train.micro_batch_size, cfg.rollout.num_generations
+    with torch.no_grad(), autocast():
+        return torch.cat([rollout_logprobs(model, rollouts, slice(start, start + mb), G, cfg.rollout.temperature,
+                                           share_prompt=cfg.train.share_prompt)
+                          for start in range(0, rollouts.completion_ids.shape[0], mb)])
+
+
+def make_batch(rollouts, scores, models, cfg, backend) -> tuple[TrainBatch, dict[str, float]]:
+    """The TrainBatch of this process's rollouts, and the metrics of its rewards over all processes
+    (reward_shaped, reward_std, frac_zero_std_groups; kl when the KL penalty is in the reward)."""
+    G, kl = cfg.rollout.num_generations, KLPenalty.from_config(cfg.algorithm)
+    rewards, loss_mask = shape_rewards(scores.total, rollouts, cfg)
+    old = (no_grad_logprobs(models.policy, rollouts, cfg, backend.autocast)
+           if kl.needs_old_logprobs(cfg.algorithm.num_iterations) else None)
+    ref = None if models.reference is None else no_grad_logprobs(models.reference, rollouts, cfg, backend.autocast)
+    metrics = {}
+    if kl.in_reward:
+        completion_kl = kl.completion_kl(old, ref, loss_mask)
+        rewards = rewards - kl.beta * completion_kl
+        lengths = backend.gather(rollouts.completion_mask.sum(dim=1).float())
+        metrics["kl"] = (backend.gather(completion_kl).sum() / lengths.sum().clamp(min=1)).item()
+    all_rewards = backend.gather(rewards)  # every process's groups, in rank order
+    n = rewards.shape[0]
+    own = slice(backend.rank * n, (backend.rank + 1) * n)
+    advantages = group_advantages(all_rewards, G, cfg.algorithm.scale_rewards)[own].to(backend.device)
+    metrics.update({"reward_shaped": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+                    "frac_zero_std_groups": zero_std_fraction(all_rewards, G)})
+    batch = TrainBatch(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids, rollouts.completion_mask,
+                       loss_mask, advantages, rewards, G, old, ref, rollouts.logprobs, rollouts.routes)
+    return batch, metrics
