@@ -186,7 +186,8 @@ def report(args, results: dict, lengths: list[int]) -> None:
     print(f"\nsettings: SmolLM2-135M-Instruct, {B} GSM8K prompts x {G} completions, <= {args.max_new_tokens} new "
           f"tokens, beta {args.beta}, loss grpo, AdamW lr 1e-6, gradient checkpointing off; "
           f"1 warm-up + {args.steps} timed steps")
-    header = f"{'trainer':<8}{'precision':<10}{'s/step':>8}{'gen tok/s':>11}{'train tok/s':>12}{'peak RSS MB':>13}" \
+    width = max(9, *(len(trainer) + 1 for trainer, _ in results))
+    header = f"{'trainer':<{width}}{'precision':<10}{'s/step':>8}{'gen tok/s':>11}{'train tok/s':>12}{'peak RSS MB':>13}" \
              f"{'loss':>10}{'kl':>9}{'speed-up':>10}{'RSS ratio':>10}"
     print(header)
     rows = []
@@ -206,7 +207,7 @@ def report(args, results: dict, lengths: list[int]) -> None:
                "peak_rss_mb": r["peak_rss_mb"], "loss": statistics.mean(r["loss"]),
                "kl": statistics.mean(kl) if kl else None, "speedup_vs_trl": speedup, "rss_vs_trl": rss_ratio}
         rows.append(row)
-        print(f"{trainer:<8}{precision:<10}{step:>8.1f}{row['generated_tokens_per_s']:>11.1f}"
+        print(f"{trainer:<{width}}{precision:<10}{step:>8.1f}{row['generated_tokens_per_s']:>11.1f}"
               f"{row['trained_tokens_per_s']:>12.1f}{row['peak_rss_mb']:>13.0f}{row['loss']:>10.4f}"
               f"{(row['kl'] or 0):>9.5f}{speedup:>10.2f}{rss_ratio:>10.2f}")
     for (trainer, precision), r in results.items():

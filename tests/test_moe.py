@@ -169,10 +169,19 @@ def test_routing_replay_trains_through_the_recorded_experts(tiny_v3):
     assert all("forward" not in vars(m) for m in probe.routers.values())  # routers restored
 
 
-def test_routing_replay_runs_in_training(tiny_v3, length_rule, tmp_path):
+def test_routing_replay_runs_in_training(tiny_v3, length_rule, tmp_path, monkeypatch):
+    import grpo.hooks.moe
     from safetensors.torch import load_file
 
+    real, given = grpo.hooks.moe.replay_routes, []
+
+    def spy(model, routes, rows, completion_length):
+        given.append(routes is not None)
+        return real(model, routes, rows, completion_length)
+
+    monkeypatch.setattr(grpo.hooks.moe, "replay_routes", spy)
     records = train_tiny_v3(tiny_v3[0], length_rule, tmp_path, "moe.routing_replay=true")
+    assert given and all(given), "a training micro-batch ran without the routes recorded while decoding"
     assert all(r["grad_norm"] > 0 and r["skipped_update"] == 0.0 for r in records)
     before, after = load_file(tiny_v3[0] / "model.safetensors"), load_file(tmp_path / "run/final/model.safetensors")
     changed = [k for k in after if k in before and not torch.equal(before[k], after[k])]
