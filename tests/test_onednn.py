@@ -80,10 +80,23 @@ def test_installed_packing_follows_weight_updates_and_training_passes_drop_it():
     assert "forward" not in vars(layer)
 
 
+def test_a_training_pass_drops_every_packed_copy_of_the_model():
+    """Even of layers it does not call: the fused head reads the tied output embedding's weight directly."""
+    model = make_model(60, seed=0)
+    ids = torch.randint(60, (2, 5))
+    install(model)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert model.lm_head._onednn_cache is not None
+    model.model(input_ids=ids).last_hidden_state.sum().backward()  # the decoder only, with gradients
+    assert not any("_onednn_cache" in vars(m) for m in model.modules())
+    uninstall(model)
+
+
 def test_packed_copies_are_released_after_a_fused_optimizer_step():
     """A fused AdamW step changes the weight in place without moving its version counter, so the packed copy
-    would go stale; the backend calls weights_changed after every step."""
-    from grpo.backend.cpu import weights_changed
+    would go stale; the backend calls release_packed_copies after every step."""
+    from grpo.backend.cpu import release_packed_copies
 
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(8, 8), torch.randn(3, 8)
@@ -95,7 +108,7 @@ def test_packed_copies_are_released_after_a_fused_optimizer_step():
     layer.weight.grad, layer.bias.grad = torch.ones(8, 8), torch.ones(8)
     optimizer.step()
     assert layer.weight._version == version  # why the version alone cannot tell
-    weights_changed(layer)
+    release_packed_copies(layer)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     uninstall(layer)

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 
 from grpo.backend.accelerator import make_optimizer, make_scheduler
 from grpo.backend.allocator import keep_freed_memory
-from grpo.backend.cpu import install_cpu_kernels, weights_changed
+from grpo.backend.cpu import install_cpu_kernels, release_packed_copies
 from grpo.modeling.loading import load_model
 from grpo.modeling.logprobs import LogprobModel, causal_lm
 
@@ -98,7 +98,10 @@ class Backend:
     @contextlib.contextmanager
     def whole_model(self):
         """The causal LM with whole weights, for generation and evaluation. Collective when sharded."""
-        yield self.models.model
+        try:
+            yield self.models.model
+        finally:
+            release_packed_copies(self.models.model)  # not kept beside the passes that follow
 
     # stepping
 
@@ -127,7 +130,7 @@ class Backend:
                 m.optimizer.step()
         if not skipped:
             m.scheduler.step()
-        weights_changed(m.model)  # a fused optimizer step leaves the version counters as they were
+        release_packed_copies(m.model)  # a fused optimizer step leaves the version counters as they were
         m.optimizer.zero_grad(set_to_none=True)
         return grad_norm, skipped
 

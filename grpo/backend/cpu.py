@@ -18,6 +18,6 @@ def install_cpu_kernels(model: torch.nn.Module) -> list[str]:
     return ["onednn_linear"] if onednn.install(model) else []
 
 
-def weights_changed(model: torch.nn.Module) -> None:
-    """Drop what was derived from `model`'s weights (packed copies): they changed in place."""
+def release_packed_copies(model: torch.nn.Module) -> None:
+    """Drop the packed copies of `model`'s weights: they changed in place, or are not needed for a while."""
     onednn.release(model)

@@ -157,7 +157,8 @@ class DeepSpeedBackend(Backend):
     @contextlib.contextmanager
     def whole_model(self):
         if not self.zero3:
-            yield self.models.model
+            with super().whole_model() as model:
+                yield model
             return
         with gathered_copy(self.models.model, self.device) as plain:
             yield plain

@@ -52,12 +52,28 @@ def _packed(layer: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return cached[1], cached[2]
 
 
+class _Group:
+    """The installed layers of one model, and whether any of them holds a packed copy now."""
+
+    def __init__(self, layers: list[torch.nn.Linear]):
+        self.layers, self.packed = layers, False
+
+    def release(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("_onednn_cache", None)
+        self.packed = False
+
+
 def _forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(layer.weight, "cpu")
+    group = layer.__dict__.get("_onednn_group")
     if torch.is_grad_enabled() or not packs(dtype):
-        layer.__dict__.pop("_onednn_cache", None)  # stale once the update steps; not kept beside the gradients
+        if group is not None and group.packed and torch.is_grad_enabled():
+            group.release()  # a training pass: the copies go stale with its step and must not sit beside its tensors
         return torch.nn.Linear.forward(layer, x)
     packed, bias = _packed(layer, dtype)
+    if group is not None:
+        group.packed = True
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
@@ -71,8 +87,10 @@ def install(model: torch.nn.Module) -> bool:
     Returns False (and changes nothing) where `available(model)` is not."""
     if not available(model):
         return False
-    for layer in _linears(model):
+    group = _Group(_linears(model))
+    for layer in group.layers:
         layer.forward = types.MethodType(_forward, layer)
+        layer._onednn_group = group
     return True
 
 
@@ -80,13 +98,15 @@ def release(model: torch.nn.Module) -> None:
     """Drop the packed copies of `model`'s layers (its weights changed, or will)."""
     for layer in _linears(model):
         layer.__dict__.pop("_onednn_cache", None)
+        if "_onednn_group" in layer.__dict__:
+            layer._onednn_group.packed = False
 
 
 def uninstall(model: torch.nn.Module) -> None:
     """Undo `install`: the layers' own forward again, packed copies dropped."""
     for layer in _linears(model):
-        layer.__dict__.pop("forward", None)
-        layer.__dict__.pop("_onednn_cache", None)
+        for attribute in ("forward", "_onednn_cache", "_onednn_group"):
+            layer.__dict__.pop(attribute, None)
 
 
 @contextlib.contextmanager
