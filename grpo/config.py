@@ -143,6 +143,13 @@ class AlgorithmConfig:
     """mu: optimizer updates per rollout batch; pi_old is captured once before them."""
     importance_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (GRPO) or one per completion from the mean token log-ratio (GSPO)."""
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "none"
+    """Rollout/training mismatch correction with rho = pi_old / pi_rollout (the trainer's log-probs against the
+    sampler's, per token or as exp of the mean per completion): truncate weights each token's policy loss by
+    min(rho, cap); mask drops tokens (or whole completions) with rho outside [1/cap, cap]. See
+    docs/algorithms.md."""
+    rollout_correction_cap: float = 2.0
+    """C of rollout_correction: the truncation cap and the mask bounds [1/C, C]; above 1."""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """Where beta * KL goes: a term of the loss per token, or subtracted from each completion's reward."""
     ref_reset_every: int = 0
@@ -689,6 +696,8 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("algorithm.beta: must be >= 0")
     if not 0 <= a.epsilon < 1:
         p.append("algorithm.epsilon: must be in [0, 1)")
+    if a.rollout_correction_cap <= 1:
+        p.append("algorithm.rollout_correction_cap: must be above 1 (the mask keeps ratios in [1/cap, cap])")
     if a.epsilon_high is not None and a.epsilon_high < 0:
         p.append("algorithm.epsilon_high: must be >= 0")
     if a.num_iterations < 1:

@@ -144,3 +144,38 @@ def test_kl_placement_is_decided_once():
     # by hand (k1): log-probs [-1, -1] under pi_old, [-2, -2] under pi_ref -> KL 1 per token, 2 per completion
     kl = in_reward.completion_kl(torch.full((1, 2), -1.0), torch.full((1, 2), -2.0), torch.ones(1, 2))
     assert kl.tolist() == [2.0]
+
+
+@pytest.mark.parametrize("correction, expected_loss, masked", [
+    ("none", -1.0, 0.0),
+    ("token_truncate", -(math.exp(0.5) + math.exp(-1.0)) / 2, 0.0),
+    ("token_mask", -0.5, 0.5),
+    ("sequence_truncate", -math.exp(-0.25), 0.0),
+    ("sequence_mask", -1.0, 0.0),
+])
+def test_rollout_correction_by_hand(correction, expected_loss, masked):
+    """On-policy (ratio 1), A = 1, two tokens: the surrogate is -1 per token, so the grpo loss is -mean_t(w_t).
+    old [-1, -2] against the sampler's [-1.5, -1]: rho_t = [e^0.5, e^-1] = [1.6487, 0.3679], cap 2 masks the
+    second token (below 1/2); per completion rho = e^((0.5 - 1) / 2) = 0.7788, inside [1/2, 2]."""
+    old, rollout = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    loss, metrics = policy_loss(old, old, torch.tensor([1.0]), torch.ones(1, 2), rollout_logprobs=rollout,
+                                rollout_correction=correction, rollout_correction_cap=2.0)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-6)
+    assert metrics["rollout/mismatch_kl"] == pytest.approx(0.25)
+    assert metrics["rollout/masked_fraction"] == masked
+    token_level = not correction.startswith("sequence")
+    assert metrics["rollout/is_ratio_max"] == pytest.approx(math.exp(0.5) if token_level else math.exp(-0.25))
+
+
+def test_rollout_correction_ignores_padding_and_is_a_no_op_when_the_sampler_agrees():
+    torch.manual_seed(0)
+    lp, adv = torch.randn(3, 4), torch.tensor([1.0, -0.5, 2.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    plain, _ = policy_loss(lp, lp - 0.1, adv, mask)
+    noisy_padding = torch.where(mask.bool(), lp - 0.1, torch.full_like(lp, -50.0))  # garbage where masked
+    for correction in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        loss, metrics = policy_loss(lp, lp - 0.1, adv, mask, rollout_logprobs=noisy_padding,
+                                    rollout_correction=correction)
+        assert loss.item() == pytest.approx(plain.item(), abs=1e-6), correction
+        assert metrics["rollout/is_ratio_max"] == pytest.approx(1.0)
+        assert metrics["rollout/masked_fraction"] == 0.0

@@ -196,3 +196,22 @@ def test_hooks_are_called_at_their_points_of_each_step(run_args, monkeypatch):
     assert calls == one_step * 2
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [(r["hook/rollouts"], r["hook/skipped"]) for r in records if "loss" in r] == [(8.0, 0.0)] * 2
+
+
+def test_builtin_engine_log_probs_agree_so_rollout_correction_is_a_no_op(run_args):
+    """The built-in engine reports each sampled token's log-prob from decoding; the trainer's pass over the same
+    tokens agrees, so every ratio is 1 (to rounding), token_mask keeps every token and trains to the same weights."""
+    from safetensors.torch import load_file
+
+    tmp_path, args = run_args
+    finals = {}
+    for correction in ("none", "token_mask"):
+        out = tmp_path / correction
+        assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", f"train.output_dir={out}",
+                     f"algorithm.rollout_correction={correction}", "algorithm.rollout_correction_cap=1.001"]) == 0
+        finals[correction] = load_file(out / "final/model.safetensors")
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for r in records:
+            assert abs(r["rollout/mismatch_kl"]) < 1e-5 and r["rollout/is_ratio_max"] < 1.001, r
+            assert r["rollout/masked_fraction"] == 0.0
+    assert all(torch.equal(finals["none"][k], finals["token_mask"][k]) for k in finals["none"])

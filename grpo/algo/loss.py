@@ -85,6 +85,51 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def rollout_correction_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                               correction: str = "none", cap: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weights for each token's policy loss that correct for the sampler (pi_rollout) differing from the
+    trainer's pi_old on the same tokens, and the mismatch metrics. Nothing here carries gradient.
+
+    old_logprobs, rollout_logprobs, mask: [N, T]. log rho_t = old_t - rollout_t; per completion,
+    rho_seq = exp(mean over its tokens of log rho_t). With C = cap:
+        none:              w = 1
+        token_truncate:    w_t = min(rho_t, C)                         (truncated importance sampling)
+        token_mask:        w_t = 1 if 1/C <= rho_t <= C else 0
+        sequence_truncate: w_t = min(rho_seq, C) for every token of the completion
+        sequence_mask:     w_t = 1 if 1/C <= rho_seq <= C else 0
+    Metrics (masked means over tokens): rollout/mismatch_kl = mean(rollout_t - old_t) (a k1 estimate of
+    KL(pi_rollout || pi_old) on the sampled tokens); rollout/is_ratio_mean and rollout/is_ratio_max of rho at
+    the correction's level (token-level for none); rollout/masked_fraction of tokens given weight 0.
+    Example: old [-1, -2], rollout [-1.5, -1], C 2: rho = [e^0.5, e^-1] = [1.6487, 0.3679]; token_truncate
+    w = [1.6487, 0.3679]; token_mask w = [1, 0]; rho_seq = e^-0.25 = 0.7788; mismatch_kl = 0.25.
+    Returns w [N, T] (zero outside the mask) and the metrics.
+    """
+    if correction not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout_correction must be one of {', '.join(ROLLOUT_CORRECTIONS)}, got {correction!r}")
+    with torch.no_grad():
+        mask = mask.to(old_logprobs.dtype)
+        log_rho = (old_logprobs - rollout_logprobs) * mask  # [N, T]
+        if correction.startswith("sequence"):
+            log_rho = (log_rho.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)).expand_as(mask)
+        rho = torch.exp(log_rho)
+        if correction.endswith("truncate"):
+            weights = rho.clamp(max=cap)
+        elif correction.endswith("mask"):
+            weights = ((rho >= 1 / cap) & (rho <= cap)).to(mask.dtype)
+        else:
+            weights = torch.ones_like(rho)
+        weights = weights * mask
+        real = mask.bool()
+        metrics = {"rollout/mismatch_kl": _masked_mean(rollout_logprobs - old_logprobs, mask),
+                   "rollout/is_ratio_mean": _masked_mean(rho, mask),
+                   "rollout/is_ratio_max": rho[real].max().item() if real.any() else 1.0,
+                   "rollout/masked_fraction": _masked_mean((weights == 0).to(mask.dtype), mask)}
+    return weights, metrics
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -102,6 +147,9 @@ def policy_loss(
     num_sequences: int | None = None,
     num_tokens: float | None = None,
     local_tokens: float | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    rollout_correction: str = "none",
+    rollout_correction_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate minus a KL penalty, aggregated over tokens as `loss_type` says.
 
@@ -117,6 +165,11 @@ def policy_loss(
     For gradient accumulation pass the whole batch's `num_sequences` (N), `num_tokens` and `local_tokens`
     (default: num_tokens, else this call's mask): the losses of the micro-batches then sum to the loss of the
     whole batch, for every loss_type.
+
+    rollout_logprobs [N, T]: the sampler's log-probs of the same tokens. Each token's clipped surrogate is then
+    multiplied by the weight `rollout_correction_weights(old_logprobs, rollout_logprobs, mask,
+    rollout_correction, rollout_correction_cap)` gives (the KL term is not), and the rollout/* metrics are
+    returned; rollout_correction "none" leaves the loss as it is.
 
     Worked example (on-policy, beta 0, grpo): ratio = 1 everywhere, so the loss is -mean_i(A_i); with
     A = [1, -1, 2] and any mask with a token in each row, loss = -2/3.
@@ -138,6 +191,11 @@ def policy_loss(
     per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]
 
     metrics: dict[str, float] = {}
+    if rollout_logprobs is not None:
+        weights, metrics = rollout_correction_weights(old_logprobs, rollout_logprobs, mask, rollout_correction,
+                                                      rollout_correction_cap)
+        if rollout_correction != "none":
+            per_token = per_token * weights
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs ref_logprobs")

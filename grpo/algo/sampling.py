@@ -32,7 +32,8 @@ def collect(engine, model, sampler, scorer, hooks, backend, cfg, step: int, time
         first = rank * share * G
         seeds = [completion_seed(cfg.train.seed, step, round_, first + i) for i in range(share * G)]
         with timer("rollout"), hooks.rollout(model):
-            rollouts = engine.generate([e["prompt"] for e in batch], Sampling.from_config(cfg.rollout, G, seeds=seeds))
+            sampling = Sampling.from_config(cfg.rollout, G, seeds=seeds, logprobs=True)
+            rollouts = engine.generate([e["prompt"] for e in batch], sampling)
         with timer("rewards"):
             scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)],
                             rollouts.completion_mask.sum(dim=1).tolist())

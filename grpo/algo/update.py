@@ -60,12 +60,14 @@ def accumulate_gradients(policy, batch, cfg, *, autocast=contextlib.nullcontext,
             beta=kl.loss_beta, epsilon_low=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
             max_completion_length=cfg.rollout.max_completion_length, kl_estimator=a.kl_estimator,
             importance_level=a.importance_level, num_sequences=batch.advantages.shape[0],
-            num_tokens=local_tokens if num_tokens is None else num_tokens, local_tokens=local_tokens)
+            num_tokens=local_tokens if num_tokens is None else num_tokens, local_tokens=local_tokens,
+            rollout_logprobs=None if batch.rollout_logprobs is None else batch.rollout_logprobs[rows],
+            rollout_correction=a.rollout_correction, rollout_correction_cap=a.rollout_correction_cap)
         with no_sync() if start != starts[-1] else contextlib.nullcontext():
             backward(loss)
         share = mask.sum().item() / max(local_tokens, 1)  # token-weighted average of the micro-batch metrics
         totals["loss"] += loss.item()
         totals["entropy"] += (entropy[0] * mask).sum().item() / max(local_tokens, 1)
-        for k, v in metrics.items():
-            totals[k] += v * share
+        for k, v in metrics.items():  # maxima stay maxima
+            totals[k] = max(totals.get(k, v), v) if k.endswith("_max") else totals[k] + v * share
     return dict(totals)

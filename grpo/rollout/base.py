@@ -26,12 +26,13 @@ class Sampling:
     top_k: int = 0
     greedy: bool = False
     seeds: tuple[int, ...] | None = None  # one per completion (len(prompts) * n): each its own random stream
+    logprobs: bool = False  # also return each sampled token's log-prob (Rollouts.logprobs)
 
     @classmethod
-    def from_config(cls, rollout_cfg, n: int, greedy: bool = False, seeds=None) -> "Sampling":
+    def from_config(cls, rollout_cfg, n: int, greedy: bool = False, seeds=None, logprobs: bool = False) -> "Sampling":
         return cls(n=n, max_completion_length=rollout_cfg.max_completion_length, temperature=rollout_cfg.temperature,
                    top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, greedy=greedy,
-                   seeds=None if seeds is None else tuple(seeds))
+                   seeds=None if seeds is None else tuple(seeds), logprobs=logprobs)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Rollouts:
         idx = rows.tolist()
         return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                         self.completion_mask[rows], self.truncated[rows], [self.texts[i] for i in idx],
-                        [self.prompts[i] for i in idx])
+                        [self.prompts[i] for i in idx], logprobs=None if self.logprobs is None else self.logprobs[rows])
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
@@ -77,6 +78,8 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
         prompts=[p for r in parts for p in r.prompts],
+        logprobs=(torch.cat([pad(r.logprobs, T, 0, False) for r in parts])
+                  if all(r.logprobs is not None for r in parts) else None),
     )
 
 

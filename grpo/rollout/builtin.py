@@ -93,13 +93,15 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *, greedy: bool = False,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             seeds: list[int] | None = None) -> Rollouts:
+             seeds: list[int] | None = None, logprobs: bool = False) -> Rollouts:
     """Sample `num_generations` completions for each prompt under `cfg` (a RolloutConfig).
 
     greedy=True decodes deterministically (for evaluation). `autocast` makes the mixed-precision context
     to generate in (e.g. `accelerator.autocast`). `seeds`, one per completion, give each completion its own
     random stream, so what it samples does not depend on the batch it shares (nor on how many processes
-    split the batch); without them torch's global RNG is used.
+    split the batch); without them torch's global RNG is used. logprobs=True also returns each sampled token's
+    log-prob under softmax(logits / temperature) as decoding computed it (Rollouts.logprobs; the trainer
+    compares it with its own pass over the same tokens).
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -126,10 +128,15 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         finished = torch.zeros(N, dtype=torch.bool, device=device)  # per batch row: has produced an EOS
         generators = None if seeds is None else [torch.Generator(device).manual_seed(s) for s in seeds]
         decode_rows = []
+        sampled_logprobs = torch.zeros(N, cfg.max_completion_length, device=device) if logprobs else None
         for t in range(cfg.max_completion_length):
             next_tokens = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, greedy, generators)  # [n]
             next_tokens = next_tokens.masked_fill(finished, pad)  # rows already done only pad
             tokens[active, t] = next_tokens
+            if sampled_logprobs is not None:
+                scaled = logits.float() / cfg.temperature
+                sampled_logprobs[active, t] = (scaled.gather(1, next_tokens.unsqueeze(1)).squeeze(1)
+                                               - torch.logsumexp(scaled, dim=-1))
             finished |= torch.isin(next_tokens, eos)
             if t == cfg.max_completion_length - 1 or finished.all():
                 break
@@ -159,6 +166,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         texts=texts,
         prompts=[p for p in prompts for _ in range(G)],
         decode_rows=decode_rows,
+        logprobs=None if sampled_logprobs is None else sampled_logprobs[:, :T] * mask,
     )
 
 
@@ -177,4 +185,5 @@ class BuiltinEngine:
         if self.model is None:
             raise RuntimeError("BuiltinEngine.generate before sync_weights: the engine has no model yet")
         return generate(self.model, self.tokenizer, prompts, sampling.n, sampling, greedy=sampling.greedy,
-                        autocast=self.autocast, seeds=None if sampling.seeds is None else list(sampling.seeds))
+                        autocast=self.autocast, seeds=None if sampling.seeds is None else list(sampling.seeds),
+                        logprobs=sampling.logprobs)
