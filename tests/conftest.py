@@ -32,10 +32,12 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+def make_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, heads: int = 4) -> LlamaForCausalLM:
+    """heads: attention heads of hidden_size / heads dimensions (vLLM's CPU attention needs 32 or more)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
 

@@ -7,7 +7,7 @@ from grpo.backend.accelerator import make_accelerator, model_config_for
 from grpo.data import load_examples
 from grpo.evaluate import Evaluation, evaluate
 from grpo.modeling.loading import load_tokenizer
-from grpo.rollout import BuiltinEngine
+from grpo.rollout import make_engine
 from grpo.scoring.scorer import Scorer
 
 
@@ -22,6 +22,6 @@ def evaluate_checkpoint(cfg, checkpoint: str | None) -> Evaluation:
     model = load_inference_model(model_cfg, cfg.train, accelerator.device)
     scorer = Scorer(cfg.rewards, cfg.scoring)
     try:
-        return evaluate(BuiltinEngine(tokenizer, accelerator.autocast, model), examples, scorer, cfg.rollout, cfg.eval)
+        return evaluate(make_engine(cfg, model, tokenizer, accelerator.autocast), examples, scorer, cfg.rollout, cfg.eval)
     finally:
         scorer.close()

@@ -15,7 +15,7 @@ from grpo.data import load_examples
 from grpo.backend import load_inference_model
 from grpo.backend.accelerator import make_accelerator, model_config_for
 from grpo.modeling.loading import load_tokenizer
-from grpo.rollout import BuiltinEngine, Sampling
+from grpo.rollout import Sampling, make_engine
 from grpo.scoring.scorer import Scorer
 
 
@@ -49,7 +49,8 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(model_cfg)
     examples, _ = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer)
-    engine = BuiltinEngine(tokenizer, accelerator.autocast, load_inference_model(model_cfg, cfg.train, accelerator.device))
+    engine = make_engine(cfg, load_inference_model(model_cfg, cfg.train, accelerator.device), tokenizer,
+                         accelerator.autocast)
     out = Path(cfg.train.output_dir) / g.output
     out.parent.mkdir(parents=True, exist_ok=True)
     sampling = {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p, "top_k": cfg.rollout.top_k,

@@ -3,3 +3,12 @@
 from grpo.rollout.base import (Rollouts, RolloutEngine, Sampling, completion_mask, completion_seed,  # noqa: F401
                                concat_rollouts, eos_token_ids)
 from grpo.rollout.builtin import BuiltinEngine, generate, sample_tokens  # noqa: F401
+
+
+def make_engine(cfg, model, tokenizer, autocast) -> RolloutEngine:
+    """The engine cfg.rollout.engine names, sampling from `model` (a causal LM with whole weights)."""
+    if cfg.rollout.engine == "builtin":
+        return BuiltinEngine(tokenizer, autocast, model)
+    from grpo.rollout.vllm import VLLMEngine
+
+    return VLLMEngine(model, tokenizer, cfg.rollout, cfg.data.max_prompt_length, cfg.train.seed)

@@ -113,6 +113,9 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """From now on sample from `model` (the causal LM with whole weights) as it is now."""
 
+    def close(self) -> None:
+        """Free what the engine holds (processes, memory); called once at the end of a run."""
+
 
 def completion_seed(seed: int, step: int, round_: int, index: int) -> int:
     """The random stream of completion `index` of the global batch in rollout round `round_` of `step`: the

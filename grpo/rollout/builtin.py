@@ -181,6 +181,9 @@ class BuiltinEngine:
     def sync_weights(self, model) -> None:
         self.model = model
 
+    def close(self) -> None:
+        self.model = None
+
     def generate(self, prompts: list[str], sampling: Sampling) -> Rollouts:
         if self.model is None:
             raise RuntimeError("BuiltinEngine.generate before sync_weights: the engine has no model yet")
