@@ -46,20 +46,14 @@ class VLLMEngine:
         self.startup_seconds = time.perf_counter() - started
         self.push_seconds: list[float] = []
         self.device = next(model.parameters()).device
-        self._loaded_at_start = True  # the first sync_weights has nothing new to push
-
-    def _model_runner(self):
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
     def sync_weights(self, model) -> None:
-        """Push `model`'s weights into the engine (in place); the first call after start-up has nothing to push."""
-        if self._loaded_at_start:
-            self._loaded_at_start = False
-            return
+        """Push `model`'s weights into the engine, in place (every call: a resumed run loads its checkpoint
+        after the engine started)."""
         started = time.perf_counter()
         with torch.no_grad():
             weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
-            self._model_runner().reload_weights(weights_iterator=weights)
+            self.llm.llm_engine.model_executor.driver_worker.worker.reload_weights(weights_iterator=weights)
         self.push_seconds.append(time.perf_counter() - started)
 
     def close(self) -> None:
