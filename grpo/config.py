@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import textwrap
 import types
@@ -703,6 +704,9 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("algorithm.beta: must be >= 0")
     if not 0 <= a.epsilon < 1:
         p.append("algorithm.epsilon: must be in [0, 1)")
+    if r.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        p.append("rollout.engine: vllm is not installed in this environment; build one with `make setup-vllm` and "
+                 "run .venv-vllm/bin/grpo (README, Sampling with vLLM), or set rollout.engine=builtin")
     if a.rollout_correction_cap <= 1:
         p.append("algorithm.rollout_correction_cap: must be above 1 (the mask keeps ratios in [1/cap, cap])")
     if a.epsilon_high is not None and a.epsilon_high < 0:

@@ -153,3 +153,13 @@ def test_a_broken_reward_file_is_named_by_file_and_line(tmp_path, monkeypatch, c
                  "eval.path=null", "rewards=[{fn: 'rules.py:rule'}]", "eval.reward=rule"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_vllm_engine_is_refused_where_vllm_is_not_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:  # the .venv-vllm environment
+        assert load_config(None, ["rollout.engine=vllm"]).rollout.engine == "vllm"
+    else:
+        with pytest.raises(ConfigError, match=r"rollout.engine: vllm is not installed .* `make setup-vllm`"):
+            load_config(None, ["rollout.engine=vllm"])

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import torch
 
+from grpo.errors import UserError
 from grpo.rollout.base import Rollouts, Sampling, completion_mask, eos_token_ids
+
+
+class VLLMMissing(UserError, ImportError):
+    """rollout.engine is vllm where vLLM is not installed."""
 
 
 class VLLMEngine:
@@ -31,7 +36,9 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise ImportError("rollout.engine=vllm needs vLLM: pip install -e .[vllm] (see README)") from e
+            raise VLLMMissing("rollout.engine: vllm is not installed in this environment; build one with "
+                              "`make setup-vllm` and run .venv-vllm/bin/grpo (README, Sampling with vLLM), or set "
+                              "rollout.engine=builtin") from e
         self.tokenizer, self.cfg = tokenizer, rollout_cfg
         self.eos_ids = eos_token_ids(tokenizer, model)
         self._folder = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
