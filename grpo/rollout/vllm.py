@@ -39,7 +39,7 @@ class VLLMEngine:
             raise VLLMMissing("rollout.engine: vllm is not installed in this environment; build one with "
                               "`make setup-vllm` and run .venv-vllm/bin/grpo (README, Sampling with vLLM), or set "
                               "rollout.engine=builtin") from e
-        self.tokenizer, self.cfg = tokenizer, rollout_cfg
+        self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer, model)
         self._folder = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
         _write_model_folder(model, tokenizer, Path(self._folder.name))
@@ -100,15 +100,6 @@ class VLLMEngine:
             prompts=[p for p in prompts for _ in range(G)],
             logprobs=None if logprobs is None else (logprobs[:, :T] * mask).to(d),
         )
-
-
-def available() -> bool:
-    """vLLM is installed (the `vllm` extra)."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _write_model_folder(model, tokenizer, folder: Path) -> None:
