@@ -6,6 +6,7 @@ what to change. Knows nothing of the step itself.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from accelerate.utils import set_seed
@@ -31,10 +32,12 @@ class Run:
     scorer: Scorer  # owns reward worker processes: close() it
     engine: RolloutEngine
     hooks: Hooks
+    startup_seconds: float  # start_run's wall time: models, data, reward checks, engine
 
 
 def start_run(cfg) -> Run:
     """Seed, choose the backend, load tokenizer, data and models, check the reward rules."""
+    started = time.perf_counter()
     set_seed(cfg.train.seed)
     backend = make_backend(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -53,7 +56,9 @@ def start_run(cfg) -> Run:
         scorer.close()
         raise
     run = Run(backend, models, tokenizer, PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle),
-              eval_examples, scorer, _start_engine(cfg, tokenizer, backend), make_hooks(models.model, cfg, backend))
+              eval_examples, scorer, _start_engine(cfg, tokenizer, backend), make_hooks(models.model, cfg, backend),
+              startup_seconds=0.0)
+    run.startup_seconds = time.perf_counter() - started
     _describe(cfg, backend, len(train_examples), dropped, len(eval_examples))
     return run
 
@@ -62,7 +67,7 @@ def _start_engine(cfg, tokenizer, backend: Backend) -> RolloutEngine:
     """The rollout engine, started from the policy's whole weights (collective when sharded)."""
     with backend.whole_model() as whole:
         engine = make_engine(cfg, whole, tokenizer, backend.autocast)
-    if hasattr(engine, "startup_seconds"):
+    if engine.startup_seconds:
         backend.print(f"rollout engine {cfg.rollout.engine}: started in {engine.startup_seconds:.1f} s")
     return engine
 

@@ -83,6 +83,7 @@ def _train_loop(cfg: Config, out: Path, run: Run, checkpoint: Path | None) -> di
         results["eval/accuracy_before"], samples["before"] = _evaluate(run, cfg, tracker, 0)
 
     nonfinite_in_a_row, step, training_seconds = 0, start_step, 0.0
+    startup = {"startup/seconds": run.startup_seconds, "startup/engine_seconds": engine.startup_seconds}
     stop = StopRequest()
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         timer, started = PhaseTimer(), time.perf_counter()
@@ -109,7 +110,9 @@ def _train_loop(cfg: Config, out: Path, run: Run, checkpoint: Path | None) -> di
             "lr": models.scheduler.get_last_lr()[0],
             **timer.metrics(),
             "step_time": time.perf_counter() - started,
+            **startup,  # the first step's record only
         }
+        startup = {}
         tracker.log(metrics, step)
         if cfg.logging.completions_every and step % cfg.logging.completions_every == 0:
             tracker.log_completions(step, _group_sample(rollouts, scores, batch))

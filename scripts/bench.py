@@ -6,6 +6,12 @@ same group size, lengths, beta, loss aggregation (grpo), AdamW settings and prec
 checkpointing is off in both. Each trainer runs in its own process (so peak RSS is its own): one warm-up
 step, then --steps timed steps. Needs TRL: `pip install -e .[bench]`.
 
+Columns: s/step (mean wall time of a timed step); rollout s and rollout tok/s (the generation phase: completion
+tokens generated per second of it; TRL's is its _generate); push s (grpo: time/weight_sync, the weights into the
+rollout engine); start-up s (from loading the model to the first step: grpo's startup/seconds, which includes
+starting the rollout engine; TRL: model load and GRPOTrainer construction); gen tok/s and train tok/s (completion
+tokens, and prompt + completion tokens, per second of the whole step).
+
     python scripts/bench.py                       # fp32 and bf16 rows, 2 timed steps each
     python scripts/bench.py --precision bf16 --steps 3
     python scripts/bench.py --baseline HEAD~1     # also this trainer at another commit (a git worktree)
@@ -79,10 +85,14 @@ def run_grpo(args, workdir: Path, precision: str) -> dict:
         *([f"rollout.engine={args.engine}", "rollout.vllm_kv_cache_gib=1.0"] if args.engine != "builtin" else []),
     ])
     train(cfg)
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")][1:]  # drop the warm-up step
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    startup_s = records[0].get("startup/seconds")  # models, data and rollout engine, before the first step
+    records = records[1:]  # drop the warm-up step
     return {
+        "startup_s": startup_s,
         "step_s": [r["step_time"] for r in records],
         "rollout_s": [r["time/rollout"] for r in records],
+        "push_s": [r["time/weight_sync"] for r in records if "time/weight_sync" in r],
         "completion_tokens": [r["completion_length"] * args.prompts * args.generations for r in records],
         "loss": [r["loss"] for r in records], "kl": [r.get("kl") for r in records],
         "reward": [r["reward"] for r in records],
@@ -98,14 +108,27 @@ def run_trl(args, workdir: Path, precision: str) -> dict:
     from rewards.math import accuracy
 
     class StepTimer(TrainerCallback):
+        """Each step's wall time, the time to the first step, and the generation time within each step."""
+
         def __init__(self):
-            self.times, self.started = [], None
+            self.times, self.generation, self.started, self.first_step = [], [], None, None
 
         def on_step_begin(self, *a, **k):
             self.started = time.perf_counter()
+            self.first_step = self.first_step or self.started
+            self.generation.append(0.0)
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.started)
+
+        def timed(self, generate):
+            def wrapper(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return generate(*args, **kwargs)
+                finally:
+                    self.generation[-1] += time.perf_counter() - started
+            return wrapper
 
     def reward(completions, answer, **kwargs):
         return [accuracy(c[0]["content"] if isinstance(c, list) else c, {"answer": a}) or 0.0
@@ -121,17 +144,21 @@ def run_trl(args, workdir: Path, precision: str) -> dict:
         gradient_checkpointing=False, bf16=precision == "bf16", use_cpu=True, max_steps=args.steps + 1,
         logging_steps=1, report_to="none", save_strategy="no", seed=42, disable_dropout=True, shuffle_dataset=False,
     )
+    started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     tokenizer.padding_side = "left"
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])
+    trainer._generate = timer.timed(trainer._generate)  # TRL's rollout: generation with its own decode
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h][1:]
     return {
+        "startup_s": timer.first_step - started,
         "step_s": timer.times[1:],
-        "rollout_s": None,
+        "rollout_s": timer.generation[1:],
+        "push_s": None,
         "completion_tokens": [h["completions/mean_length"] * args.prompts * args.generations for h in logs],
         "loss": [h["loss"] for h in logs], "kl": [h.get("kl") for h in logs], "reward": [h["reward"] for h in logs],
     }
@@ -195,7 +222,8 @@ def report(args, results: dict, lengths: list[int]) -> None:
           f"tokens, beta {args.beta}, loss grpo, AdamW lr 1e-6, gradient checkpointing off; "
           f"1 warm-up + {args.steps} timed steps")
     width = max(9, *(len(trainer) + 1 for trainer, _ in results))
-    header = f"{'trainer':<{width}}{'precision':<10}{'s/step':>8}{'gen tok/s':>11}{'train tok/s':>12}{'peak RSS MB':>13}" \
+    header = f"{'trainer':<{width}}{'precision':<10}{'s/step':>8}{'rollout s':>10}{'rollout tok/s':>14}" \
+             f"{'push s':>8}{'start-up s':>11}{'gen tok/s':>11}{'train tok/s':>12}{'peak RSS MB':>13}" \
              f"{'loss':>10}{'kl':>9}{'speed-up':>10}{'RSS ratio':>10}"
     print(header)
     rows = []
@@ -210,12 +238,17 @@ def report(args, results: dict, lengths: list[int]) -> None:
         speedup = statistics.mean(baseline["step_s"]) / step if baseline else float("nan")
         rss_ratio = r["peak_rss_mb"] / baseline["peak_rss_mb"] if baseline else float("nan")
         kl = [k for k in r["kl"] if k is not None]
+        rollout = statistics.mean(r["rollout_s"])
+        push = statistics.mean(r["push_s"]) if r["push_s"] else float("nan")
         row = {"trainer": trainer, "precision": precision, "s_per_step": step, "timed_steps": steps_done,
+               "rollout_s": rollout, "rollout_tokens_per_s": generated / rollout, "weight_push_s": push,
+               "startup_s": r["startup_s"],
                "generated_tokens_per_s": generated / step, "trained_tokens_per_s": trained / step,
                "peak_rss_mb": r["peak_rss_mb"], "loss": statistics.mean(r["loss"]),
                "kl": statistics.mean(kl) if kl else None, "speedup_vs_trl": speedup, "rss_vs_trl": rss_ratio}
         rows.append(row)
-        print(f"{trainer:<{width}}{precision:<10}{step:>8.1f}{row['generated_tokens_per_s']:>11.1f}"
+        print(f"{trainer:<{width}}{precision:<10}{step:>8.1f}{rollout:>10.1f}{row['rollout_tokens_per_s']:>14.1f}"
+              f"{push:>8.2f}{r['startup_s'] or float('nan'):>11.1f}{row['generated_tokens_per_s']:>11.1f}"
               f"{row['trained_tokens_per_s']:>12.1f}{row['peak_rss_mb']:>13.0f}{row['loss']:>10.4f}"
               f"{(row['kl'] or 0):>9.5f}{speedup:>10.2f}{rss_ratio:>10.2f}")
     for (trainer, precision), r in results.items():

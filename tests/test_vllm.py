@@ -59,6 +59,34 @@ def test_weight_push_changes_what_the_engine_samples_from(engine_and_model):
     assert diff < 1e-3, f"after the push the engine does not sample from the pushed weights ({diff:.2e})"
 
 
+def test_bf16_engine_agrees_with_the_bf16_trainer_after_a_push():
+    """A bf16 engine (train.mixed_precision=bf16) against the trainer's bf16-autocast pass over the same tokens,
+    right after pushing changed fp32 weights: mean |log-prob difference| <= 0.02."""
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    model = make_model(len(tok), seed=5, hidden_size=128, heads=2)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    cfg = RolloutConfig(max_completion_length=12, temperature=1.0, vllm_kv_cache_gib=0.25)
+    engine = vllm_engine.VLLMEngine(model, tok, cfg, max_prompt_length=64, seed=0, precision="bf16")
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        engine.sync_weights(model)
+        r = engine.generate(PROMPTS, Sampling.from_config(cfg, 4, logprobs=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = trainer_logprobs(model, r, 4).float()
+        with torch.no_grad():
+            exact = trainer_logprobs(model, r, 4)
+    finally:
+        engine.close()
+    n = r.completion_mask.sum()
+    diff = ((ours - r.logprobs).abs() * r.completion_mask).sum() / n
+    fp32_diff = ((exact - r.logprobs).abs() * r.completion_mask).sum() / n
+    print(f"bf16 engine vs bf16 trainer: mean |diff| {diff:.4f}; vs the fp32 trainer {fp32_diff:.4f}")
+    assert diff <= 0.02, f"mean |log-prob difference| {diff:.4f} in bf16"
+
+
 def tiny_folder(tmp_path):
     folder = tmp_path / "tiny"
     tok = make_tokenizer()
@@ -88,6 +116,41 @@ def test_training_with_the_vllm_engine(tmp_path, length_rule):
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 2 and all(r["time/weight_sync"] > 0 for r in steps)
     assert all(abs(r["rollout/mismatch_kl"]) < 1e-3 and r["grad_norm"] > 0 for r in steps), steps
+
+
+def test_several_iterations_dynamic_sampling_correction_and_evaluation(tmp_path, length_rule):
+    """num_iterations 2 (pi_old captured before the updates), DAPO's dynamic sampling, token_truncate
+    correction and held-out evaluation, all sampling through the one engine."""
+    from grpo.commands.cli import main
+
+    out = tmp_path / "run"
+    args = [*train_args(tiny_folder(tmp_path), length_rule, out), "algorithm.num_iterations=2",
+            "algorithm.dynamic_sampling=true", "algorithm.rollout_correction=token_truncate",
+            f"eval.path={ROOT / 'data/arithmetic/test.jsonl'}", "eval.num_prompts=4", "eval.batch_size=4", "eval.reward=length_reward"]
+    assert main(["train", *args]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all(r["sampling/groups_trained"] == 2.0 for r in steps), steps
+    assert all(abs(r["rollout/mismatch_kl"]) < 1e-3 and r["rollout/masked_fraction"] == 0.0 for r in steps)
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 2]
+
+
+def test_generate_and_eval_commands_sample_through_the_engine(tmp_path):
+    from grpo.commands.cli import main
+
+    folder = tiny_folder(tmp_path)
+    rules = tmp_path / "rules.py"
+    rules.write_text("def short(completion, example):\n    return 1.0 if len(completion) < 40 else 0.0\n")
+    common = [str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={folder}", "rollout.engine=vllm",
+              "rollout.vllm_kv_cache_gib=0.25", "rollout.max_completion_length=8", "scoring.workers=0",
+              "train.mixed_precision=fp32", "logging.wandb=disabled"]
+    assert main(["generate", *common, f"data.path={ROOT / 'data/arithmetic/test.jsonl'}", "data.max_samples=4",
+                 f"rewards=[{{fn: '{rules}:short'}}]", "eval.path=null", "generate.num_samples=4",
+                 "generate.keep=threshold", "generate.threshold=0.0", f"train.output_dir={tmp_path / 'gen'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "gen/generated.jsonl").read_text().splitlines()]
+    assert len(rows) > 0 and all(set(r) >= {"prompt", "completion", "reward"} for r in rows)
+    assert main(["eval", *common, f"eval.path={ROOT / 'data/arithmetic/test.jsonl'}", "eval.num_prompts=4",
+                 f"train.output_dir={tmp_path / 'eval'}"]) == 0
 
 
 def test_two_processes_each_with_its_engine(tmp_path, length_rule):

@@ -69,8 +69,8 @@ def make_batch(rollouts, scores, models, cfg, backend) -> tuple[TrainBatch, dict
     if kl.in_reward:
         completion_kl = kl.completion_kl(old, ref, loss_mask)
         rewards = rewards - kl.beta * completion_kl
-        lengths = backend.gather(rollouts.completion_mask.sum(dim=1).float())
-        metrics["kl"] = (backend.gather(completion_kl).sum() / lengths.sum().clamp(min=1)).item()
+        totals = backend.mean_tensor(torch.stack([completion_kl.sum().float(), rollouts.completion_mask.sum().float()]))
+        metrics["kl"] = (totals[0] / totals[1].clamp(min=1)).item()  # per token, over all processes
     all_rewards = backend.gather(rewards)  # every process's groups, in rank order
     n = rewards.shape[0]
     own = slice(backend.rank * n, (backend.rank + 1) * n)

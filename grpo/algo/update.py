@@ -50,20 +50,20 @@ def accumulate_gradients(policy, batch, cfg, *, autocast=contextlib.nullcontext,
     for start in starts:
         rows = slice(start, start + mb)
         mask, entropy = batch.loss_mask[rows], []
-        accumulating = no_sync() if start != starts[-1] else contextlib.nullcontext()
-        with autocast(), hooks.micro_batch(policy, batch, rows), accumulating:
-            logprobs = rollout_logprobs(policy, batch, rows, batch.group_size, cfg.rollout.temperature,
-                                        share_prompt=cfg.train.share_prompt, entropy=entropy)
-        loss, metrics = policy_loss(
-            logprobs, logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows],
-            batch.advantages[rows], mask, ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
-            beta=kl.loss_beta, epsilon_low=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
-            max_completion_length=cfg.rollout.max_completion_length, kl_estimator=a.kl_estimator,
-            importance_level=a.importance_level, num_sequences=batch.advantages.shape[0],
-            num_tokens=local_tokens if num_tokens is None else num_tokens, local_tokens=local_tokens,
-            rollout_logprobs=None if batch.rollout_logprobs is None else batch.rollout_logprobs[rows],
-            rollout_correction=a.rollout_correction, rollout_correction_cap=a.rollout_correction_cap)
-        with no_sync() if start != starts[-1] else contextlib.nullcontext():
+        with no_sync() if start != starts[-1] else contextlib.nullcontext():  # forward and backward unsynced
+            with autocast(), hooks.micro_batch(policy, batch, rows):
+                logprobs = rollout_logprobs(policy, batch, rows, batch.group_size, cfg.rollout.temperature,
+                                            share_prompt=cfg.train.share_prompt, entropy=entropy)
+            loss, metrics = policy_loss(
+                logprobs, logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows],
+                batch.advantages[rows], mask,
+                ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
+                beta=kl.loss_beta, epsilon_low=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
+                max_completion_length=cfg.rollout.max_completion_length, kl_estimator=a.kl_estimator,
+                importance_level=a.importance_level, num_sequences=batch.advantages.shape[0],
+                num_tokens=local_tokens if num_tokens is None else num_tokens, local_tokens=local_tokens,
+                rollout_logprobs=None if batch.rollout_logprobs is None else batch.rollout_logprobs[rows],
+                rollout_correction=a.rollout_correction, rollout_correction_cap=a.rollout_correction_cap)
             backward(loss)
         share = mask.sum().item() / max(local_tokens, 1)  # token-weighted average of the micro-batch metrics
         totals["loss"] += loss.item()

@@ -20,8 +20,10 @@ def evaluate_checkpoint(cfg, checkpoint: str | None) -> Evaluation:
     tokenizer = load_tokenizer(model_cfg)
     examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer)
     model = load_inference_model(model_cfg, cfg.train, accelerator.device)
+    engine = make_engine(cfg, model, tokenizer, accelerator.autocast)
     scorer = Scorer(cfg.rewards, cfg.scoring)
     try:
-        return evaluate(make_engine(cfg, model, tokenizer, accelerator.autocast), examples, scorer, cfg.rollout, cfg.eval)
+        return evaluate(engine, examples, scorer, cfg.rollout, cfg.eval)
     finally:
         scorer.close()
+        engine.close()

@@ -80,6 +80,7 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
                         kept += 1
     finally:
         scorer.close()
+        engine.close()
     print(f"{out}: kept {kept} samples for {prompts_with_any} of {len(examples)} prompts "
           f"({g.num_samples} sampled per prompt, keep={g.keep}, threshold {g.threshold})")
     return out

@@ -11,4 +11,7 @@ def make_engine(cfg, model, tokenizer, autocast) -> RolloutEngine:
         return BuiltinEngine(tokenizer, autocast, model)
     from grpo.rollout.vllm import VLLMEngine
 
-    return VLLMEngine(model, tokenizer, cfg.rollout, cfg.data.max_prompt_length, cfg.train.seed)
+    from grpo.backend.accelerator import resolved_precision
+
+    return VLLMEngine(model, tokenizer, cfg.rollout, cfg.data.max_prompt_length, cfg.train.seed,
+                      resolved_precision(cfg.train))

@@ -107,6 +107,8 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
 
 
 class RolloutEngine(Protocol):
+    startup_seconds: float  # how long the engine took to start (0 for one that samples with the policy itself)
+
     def generate(self, prompts: list[str], sampling: Sampling) -> Rollouts:
         """len(prompts) * sampling.n completions, ordered prompt by prompt."""
 

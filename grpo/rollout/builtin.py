@@ -174,6 +174,8 @@ class BuiltinEngine:
     """The RolloutEngine that decodes with the policy itself (`generate`): sync_weights only points it at the
     model, which shares the policy's memory (or is the whole-weight copy a sharded backend gathered)."""
 
+    startup_seconds = 0.0
+
     def __init__(self, tokenizer, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  model=None):
         self.tokenizer, self.autocast, self.model = tokenizer, autocast, model

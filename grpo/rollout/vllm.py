@@ -31,7 +31,9 @@ class VLLMMissing(UserError, ImportError):
 
 
 class VLLMEngine:
-    def __init__(self, model, tokenizer, rollout_cfg, max_prompt_length: int, seed: int = 0):
+    def __init__(self, model, tokenizer, rollout_cfg, max_prompt_length: int, seed: int = 0, precision: str = "fp32"):
+        """precision: the trainer's compute precision (train.mixed_precision resolved); the engine runs its
+        weights in that dtype (bf16 mixed precision: a bf16 engine), else in the model's dtype."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
         try:
             from vllm import LLM
@@ -43,8 +45,8 @@ class VLLMEngine:
         self.eos_ids = eos_token_ids(tokenizer, model)
         self._folder = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
         _write_model_folder(model, tokenizer, Path(self._folder.name))
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
-            next(model.parameters()).dtype]
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision) or \
+            {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[next(model.parameters()).dtype]
         started = time.perf_counter()
         self.llm = LLM(model=self._folder.name, dtype=dtype, seed=seed, enforce_eager=rollout_cfg.vllm_enforce_eager,
                        enable_prefix_caching=True, max_model_len=max_prompt_length + rollout_cfg.max_completion_length,
