@@ -143,10 +143,14 @@ class AlgorithmConfig:
     epsilon_high: Optional[float] = None
     """Upper clip range (DAPO's clip-higher uses 0.28); null means `epsilon`."""
     loss_type: str = "grpo"
-    """Token aggregation, a name registered in grpo.algo.loss.LOSS_TYPES (grpo, bnpo, dr_grpo, dapo): grpo =
-    mean per completion then over completions; see docs/algorithms.md."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)."""
+    """Token aggregation and policy term, a name registered in grpo.algo.loss.LOSS_TYPES (grpo, bnpo, dapo, cispo,
+    dr_grpo): grpo = mean per completion then over completions; cispo = MiniMax-M1's truncated, detached
+    importance weight times the log-prob (needs epsilon_high); see docs/algorithms.md."""
+    baseline: Literal["mean", "rloo"] = "mean"
+    """What a reward is centred by: its group's mean (GRPO) or the mean of the group's other rewards (RLOO)."""
+    scale_rewards: Literal["group", "batch", "centred_batch", "none"] = "group"
+    """Divide centred rewards by the group std, the batch std, the std of all centred rewards
+    (REINFORCE++-baseline), or nothing (Dr. GRPO)."""
     num_iterations: int = 1
     """mu: optimizer updates per rollout batch; pi_old is captured once before them."""
     importance_level: Literal["token", "sequence"] = "token"
@@ -158,6 +162,14 @@ class AlgorithmConfig:
     docs/algorithms.md."""
     rollout_correction_cap: float = 2.0
     """C of rollout_correction: the truncation cap and the mask bounds [1/C, C]; above 1."""
+    top_entropy_quantile: float = 0.0
+    """Train the policy term on high-entropy tokens only ("80/20"): tokens whose entropy is below this quantile
+    of the batch's token entropies contribute no policy gradient (0.8 keeps the top 20%); 0 keeps all."""
+    off_policy_mask_threshold: Optional[float] = None
+    """DeepSeek-V3.2's off-policy sequence masking: completions with a negative advantage whose mean
+    log-ratio old - current exceeds this contribute no policy gradient; null disables."""
+    kl_is_correction: bool = False
+    """DeepSeek-V3.2's importance-corrected KL: each token's KL estimate times sg(pi_theta / pi_old)."""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """Where beta * KL goes: a term of the loss per token, or subtracted from each completion's reward."""
     ref_reset_every: int = 0
@@ -716,6 +728,15 @@ def _check_combinations(cfg: Config) -> list[str]:
     if a.loss_type not in LOSS_TYPES:
         p.append(f"algorithm.loss_type: {a.loss_type!r} is not a registered loss type; use one of "
                  f"{', '.join(LOSS_TYPES)} (or register one in grpo/algo/loss.py)")
+    elif LOSS_TYPES[a.loss_type].needs_epsilon_high and a.epsilon_high is None:
+        p.append(f"algorithm.epsilon_high: loss_type {a.loss_type} truncates its importance weight at "
+                 f"1 + epsilon_high; set it (configs/cispo.yaml uses 5.0, ScaleRL's value)")
+    if not 0 <= a.top_entropy_quantile < 1:
+        p.append("algorithm.top_entropy_quantile: must be in [0, 1) (0.8 keeps the 20% highest-entropy tokens)")
+    if a.off_policy_mask_threshold is not None and a.off_policy_mask_threshold < 0:
+        p.append("algorithm.off_policy_mask_threshold: must be >= 0, or null to disable")
+    if a.baseline == "rloo" and r.num_generations < 2:
+        p.append("algorithm.baseline: rloo needs rollout.num_generations >= 2")
     if a.kl_penalty == "reward" and a.beta == 0:
         p.append("algorithm.kl_penalty: 'reward' needs algorithm.beta > 0")
     if a.ref_reset_every and a.beta == 0:

@@ -3,6 +3,8 @@
     python scripts/learning_numbers.py quickstart           # -> docs/results/quickstart.md (--render: from the last run)
     python scripts/learning_numbers.py distill --seeds 3    # -> docs/results/distill.md (needs quickstart first)
     python scripts/learning_numbers.py moe                  # -> docs/results/moe.md
+    python scripts/learning_numbers.py engines --seeds 2    # -> docs/results/engines.md (needs the vllm extra)
+    python scripts/learning_numbers.py variants --seeds 2   # -> docs/results/variants.md
 
 Each table is measured by running the `grpo` commands a user runs, in fresh processes, on this machine; held-out
 accuracy is `accuracy` (the value a completion states, docs/rewards.md) on the 100 held-out sums, greedy. Sample
@@ -12,6 +14,8 @@ quickstart: `grpo train configs/quickstart.yaml`, timed end to end (model loadin
 distill: for each seed, the quickstart's model (teacher) samples answers for 256 training questions, the best
 correct one per question fine-tunes the base model (`grpo distill`); then GRPO trains the base model with the
 same seed for the same wall-clock time as that distillation took (`train.time_limit`), and both are evaluated.
+engines: the quickstart with each rollout engine (rollout.engine builtin and vllm) for each seed (train.seed).
+variants: the quickstart with each policy-gradient variant (grpo, dapo, cispo, rloo, centred_batch) for each seed.
 moe: configs/deepseek_v3_tiny.yaml on the tiny random DeepSeek-V3, 20 steps without and with auxiliary-loss-free
 balancing (moe.bias_update_speed=0.01): routing metrics and rewards, mean of steps 1-5 and 16-20.
 """
@@ -151,6 +155,70 @@ def distill(args) -> None:
     write("distill.md", text)
 
 
+def engines(args) -> None:
+    rows, samples = [], {}
+    for seed in range(args.seeds):
+        for engine in ("builtin", "vllm"):
+            run = RUNS / f"engine-{engine}-seed{seed}"
+            seconds, _ = grpo("train", "configs/quickstart.yaml", f"train.output_dir={run}", f"train.seed={seed}",
+                              f"rollout.engine={engine}")
+            steps = [r for r in records(run) if "loss" in r]
+            before, after = held_out(run)
+            rows.append(f"| {seed} | {engine} | {before:.2f} | {after:.2f} | {steps[-1]['reward']:.2f} | "
+                        f"{steps[0]['startup/engine_seconds']:.1f} s | "
+                        f"{statistics.mean(r['time/weight_sync'] for r in steps):.2f} s | "
+                        f"{statistics.mean(r['time/rollout'] for r in steps):.1f} s | "
+                        f"{statistics.mean(r['step_time'] for r in steps):.1f} s | {seconds / 60:.1f} min |")
+            if seed == 0:
+                samples[engine] = json.loads((run / "eval_samples.json").read_text())["after"][:4]
+    text = ["# The quickstart with each rollout engine", "", provenance(), "",
+            f"`grpo train configs/quickstart.yaml train.seed=SEED rollout.engine=ENGINE` ({len(rows) // 2} seeds). "
+            "Held-out accuracy: `accuracy` (the value a completion states must equal the sum) on the 100 held-out "
+            "sums, greedy, before and after training; reward: the last step's mean over its 64 samples. "
+            "Engine start-up, weight push and rollout are the run's own `startup/engine_seconds`, `time/weight_sync` "
+            "and `time/rollout` (means over the steps).", "",
+            "| seed | engine | held-out before | held-out after | last reward | engine start-up | weight push "
+            "| rollout | step | whole command |", "|---" * 10 + "|", *rows, "",
+            "Greedy held-out completions after training (seed 0):", "", *sample_lines(samples), ""]
+    write("engines.md", text)
+
+
+VARIANTS = {
+    "grpo": [],
+    "dapo": ["algorithm.loss_type=dapo"],
+    "cispo": ["algorithm.loss_type=cispo", "algorithm.epsilon_high=5.0"],
+    "rloo": ["algorithm.baseline=rloo"],
+    "centred_batch": ["algorithm.scale_rewards=centred_batch"],
+}
+
+
+def variants(args) -> None:
+    rows, samples = [], {}
+    for name, overrides in VARIANTS.items():
+        for seed in range(args.seeds):
+            run = RUNS / f"variant-{name}-seed{seed}"
+            grpo("train", "configs/quickstart.yaml", f"train.output_dir={run}", f"train.seed={seed}", *overrides)
+            reward = {r["step"]: r["reward"] for r in records(run) if "loss" in r}
+            before, after = held_out(run)
+            rows.append((name, seed, before, after, [reward[s] for s in (10, 20, 30)]))
+            if seed == 0:
+                samples[name] = json.loads((run / "eval_samples.json").read_text())["after"][:3]
+    table = [f"| {name} | {seed} | {before:.2f} | {after:.2f} | " + " | ".join(f"{r:.2f}" for r in rewards) + " |"
+             for name, seed, before, after, rewards in rows]
+    means = [f"| {name} | mean | | {statistics.mean(r[3] for r in rows if r[0] == name):.2f} | "
+             + " | ".join(f"{statistics.mean(r[4][k] for r in rows if r[0] == name):.2f}" for k in range(3)) + " |"
+             for name in VARIANTS]
+    text = ["# Policy-gradient variants on the quickstart", "", provenance(), "",
+            "`grpo train configs/quickstart.yaml train.seed=SEED` with each variant's overrides: "
+            + "; ".join(f"{name}: {' '.join(o) or '(none)'}" for name, o in VARIANTS.items()) + ". "
+            "Held-out accuracy: `accuracy` (the value a completion states must equal the sum) on the 100 held-out "
+            "sums, greedy. Reward: the step's mean over its 64 samples.", "",
+            "| variant | seed | held-out before | held-out after | reward step 10 | step 20 | step 30 |",
+            "|---" * 7 + "|", *table, *means, "",
+            "Greedy held-out completions after training (seed 0):", "", *sample_lines(samples), ""]
+    write("variants.md", text)
+
+
 def moe(_args) -> None:
     model = RUNS / "tiny-deepseek-v3"
     if not model.is_dir():
@@ -191,6 +259,12 @@ def main() -> None:
     d.add_argument("--seeds", type=int, default=3)
     d.set_defaults(run=distill)
     sub.add_parser("moe").set_defaults(run=moe)
+    v = sub.add_parser("variants")
+    v.add_argument("--seeds", type=int, default=2)
+    v.set_defaults(run=variants)
+    e = sub.add_parser("engines")
+    e.add_argument("--seeds", type=int, default=2)
+    e.set_defaults(run=engines)
     args = parser.parse_args()
     args.run(args)
 

@@ -59,6 +59,22 @@ def mixed_rollouts():
     return model, concat_rollouts([first, second], tok.pad_token_id)
 
 
+def micro_batched_gradients(model, batch, make_cfg, sizes=(16, 4, 2)) -> None:
+    """accumulate_gradients over `batch` with each micro-batch size: the gradients agree within 1e-5 and are
+    not all zero. make_cfg(micro_batch_size) -> Config."""
+    from grpo.algo.update import accumulate_gradients
+
+    grads = []
+    for mb in sizes:
+        model.zero_grad()
+        accumulate_gradients(model, batch, make_cfg(mb))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny model + tokenizer folder, loadable like any Hugging Face model folder."""

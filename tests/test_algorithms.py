@@ -9,7 +9,8 @@ from grpo.algo.advantages import group_advantages, informative_groups, overlong_
 from grpo.config import Config, RolloutConfig, TrainConfig, AlgorithmConfig
 from grpo.modeling.logprobs import rollout_logprobs, token_logprobs
 from grpo.algo.batch import TrainBatch
-from grpo.algo.update import accumulate_gradients
+
+from conftest import micro_batched_gradients
 
 
 def test_overlong_penalty_by_hand():
@@ -58,20 +59,12 @@ def test_micro_batched_gradients_equal_one_big_batch(mixed_rollouts, loss_type):
     torch.manual_seed(1)
     advantages = group_advantages(torch.rand(16), 4)
     ref = torch.randn(r.completion_ids.shape) * 0.1 - 3
-    grads = []
-    for mb in (16, 4, 2):
-        cfg = Config(rollout=RolloutConfig(num_generations=4, max_completion_length=7, temperature=0.8),
-                     train=TrainConfig(prompts_per_step=4, micro_batch_size=mb),
-                     algorithm=AlgorithmConfig(loss_type=loss_type, beta=0.1))
-        model.zero_grad()
-        batch = TrainBatch(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, r.completion_mask,
-                           advantages, torch.zeros(16), 4, ref_logprobs=ref)
-        accumulate_gradients(model, batch, cfg)
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert any(g.abs().sum() > 0 for g in grads[0])
-    for other in grads[1:]:
-        for a, b in zip(grads[0], other):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    batch = TrainBatch(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, r.completion_mask,
+                       advantages, torch.zeros(16), 4, ref_logprobs=ref)
+    micro_batched_gradients(model, batch, lambda mb: Config(
+        rollout=RolloutConfig(num_generations=4, max_completion_length=7, temperature=0.8),
+        train=TrainConfig(prompts_per_step=4, micro_batch_size=mb),
+        algorithm=AlgorithmConfig(loss_type=loss_type, beta=0.1)))
 
 
 def test_truncated_completions_options():

@@ -65,11 +65,18 @@ def rules(length_rule):
     return length_rule
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_two_processes_match_one(tiny_model_dir, rules, tmp_path, loss_type):
-    one = args_for(tiny_model_dir, rules, tmp_path / "one", loss_type)
+VARIANTS = ["algorithm.epsilon_high=5.0", "algorithm.baseline=rloo", "algorithm.scale_rewards=centred_batch",
+            "algorithm.top_entropy_quantile=0.5", "algorithm.off_policy_mask_threshold=0.0",
+            "algorithm.kl_is_correction=true", "algorithm.num_iterations=2"]
+
+
+@pytest.mark.parametrize("loss_type,extra", [("grpo", []), ("dapo", []), ("cispo", VARIANTS)],
+                         ids=["grpo", "dapo", "cispo-and-variants"])
+def test_two_processes_match_one(tiny_model_dir, rules, tmp_path, loss_type, extra):
+    """cispo-and-variants: the entropy quantile and the centred-batch std are taken over both processes' batch."""
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", loss_type) + extra
     train(load_config(one[0], one[1:]))
-    printed = torchrun(args_for(tiny_model_dir, rules, tmp_path / "two", loss_type))
+    printed = torchrun(args_for(tiny_model_dir, rules, tmp_path / "two", loss_type) + extra)
     assert "x 2 processes" in printed
     a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
     changed = load_file(tiny_model_dir / "model.safetensors")

@@ -116,7 +116,7 @@ def test_a_registered_loss_type_is_accepted_by_the_config_and_used(monkeypatch):
 
     monkeypatch.setattr(loss_module, "LOSS_TYPES", dict(loss_module.LOSS_TYPES))
     with pytest.raises(ConfigError, match=r"algorithm.loss_type: 'sum' is not a registered loss type; use one of "
-                                          r"grpo, bnpo, dapo, dr_grpo"):
+                                          r"grpo, bnpo, dapo, cispo, dr_grpo"):
         load_config(None, ["algorithm.loss_type=sum"])
 
     @loss_module.loss_type("sum")

@@ -1,7 +1,8 @@
 """The training batch: what the update consumes, built from one step's rollouts and scores.
 
 make_batch runs, in order: reward shaping (DAPO's overlong penalty, or truncated completions left out of
-the loss), the no-gradient log-prob passes (pi_old when needed, pi_ref when beta > 0), the KL-in-reward
+the loss), the no-gradient log-prob passes (pi_old when needed, with its token entropies and their batch
+quantile when top_entropy_quantile > 0; pi_ref when beta > 0), the KL-in-reward
 penalty when configured (grpo.algo.kl decides), and group-relative advantages over the global batch.
 Shapes: N = B * G completions of this process, T completion tokens, P prompt tokens.
 """
@@ -14,6 +15,7 @@ import torch
 
 from grpo.algo.advantages import group_advantages, overlong_penalty, zero_std_fraction
 from grpo.algo.kl import KLPenalty
+from grpo.algo.loss import masked_quantile
 from grpo.modeling.logprobs import rollout_logprobs
 
 
@@ -33,6 +35,8 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None = None  # [N, T] pi_ref: beta > 0
     rollout_logprobs: torch.Tensor | None = None  # [N, T] the sampler's, when the rollout engine reports them
     routes: dict | None = None  # mixture-of-experts: experts chosen while decoding (grpo.hooks.moe)
+    entropies: torch.Tensor | None = None  # [N, T] pi_old's token entropies: top_entropy_quantile > 0
+    entropy_threshold: float | None = None  # their quantile over the whole batch, every process
 
 
 def shape_rewards(rewards: torch.Tensor, rollouts, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,22 +52,41 @@ def shape_rewards(rewards: torch.Tensor, rollouts, cfg) -> tuple[torch.Tensor, t
     return rewards, loss_mask
 
 
-def no_grad_logprobs(model, rollouts, cfg, autocast) -> torch.Tensor:
-    """Log-probs [N, T] of the rollouts under `model` without gradients, micro-batch by micro-batch."""
+def no_grad_logprobs(model, rollouts, cfg, autocast, entropy: list | None = None) -> torch.Tensor:
+    """Log-probs [N, T] of the rollouts under `model` without gradients, micro-batch by micro-batch. A list
+    passed as `entropy` receives the token entropies [N, T]."""
     mb, G = cfg.train.micro_batch_size, cfg.rollout.num_generations
+    parts = [] if entropy is not None else None
     with torch.no_grad(), autocast():
-        return torch.cat([rollout_logprobs(model, rollouts, slice(start, start + mb), G, cfg.rollout.temperature,
-                                           share_prompt=cfg.train.share_prompt)
-                          for start in range(0, rollouts.completion_ids.shape[0], mb)])
+        logprobs = torch.cat([rollout_logprobs(model, rollouts, slice(start, start + mb), G, cfg.rollout.temperature,
+                                               share_prompt=cfg.train.share_prompt, entropy=parts)
+                              for start in range(0, rollouts.completion_ids.shape[0], mb)])
+    if entropy is not None:
+        entropy.append(torch.cat(parts).float())
+    return logprobs
+
+
+def batch_entropy_threshold(entropies: torch.Tensor, loss_mask: torch.Tensor, q: float, backend,
+                            max_length: int) -> float:
+    """masked_quantile at q of the entropies of every process's unmasked tokens (rows padded to max_length
+    so that every process gathers the same shape)."""
+    pad = max_length - entropies.shape[1]
+    values = torch.nn.functional.pad(entropies.float(), (0, pad)).flatten()
+    mask = torch.nn.functional.pad(loss_mask.float(), (0, pad)).flatten()
+    return masked_quantile(backend.gather(values), backend.gather(mask), q)
 
 
 def make_batch(rollouts, scores, models, cfg, backend) -> tuple[TrainBatch, dict[str, float]]:
     """The TrainBatch of this process's rollouts, and the metrics of its rewards over all processes
     (reward_shaped, reward_std, frac_zero_std_groups; kl when the KL penalty is in the reward)."""
     G, kl = cfg.rollout.num_generations, KLPenalty.from_config(cfg.algorithm)
+    a = cfg.algorithm
     rewards, loss_mask = shape_rewards(scores.total, rollouts, cfg)
-    old = (no_grad_logprobs(models.policy, rollouts, cfg, backend.autocast)
-           if kl.needs_old_logprobs(cfg.algorithm.num_iterations) else None)
+    entropy = [] if a.top_entropy_quantile > 0 else None  # pi_old's, in the same pass as its log-probs
+    old = None
+    if kl.needs_old_logprobs(a.num_iterations) or entropy is not None:
+        old = no_grad_logprobs(models.policy, rollouts, cfg, backend.autocast, entropy)
+        old = old if kl.needs_old_logprobs(a.num_iterations) else None
     ref = None if models.reference is None else no_grad_logprobs(models.reference, rollouts, cfg, backend.autocast)
     metrics = {}
     if kl.in_reward:
@@ -74,9 +97,14 @@ def make_batch(rollouts, scores, models, cfg, backend) -> tuple[TrainBatch, dict
     all_rewards = backend.gather(rewards)  # every process's groups, in rank order
     n = rewards.shape[0]
     own = slice(backend.rank * n, (backend.rank + 1) * n)
-    advantages = group_advantages(all_rewards, G, cfg.algorithm.scale_rewards)[own].to(backend.device)
+    advantages = group_advantages(all_rewards, G, a.scale_rewards, baseline=a.baseline)[own].to(backend.device)
     metrics.update({"reward_shaped": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                     "frac_zero_std_groups": zero_std_fraction(all_rewards, G)})
     batch = TrainBatch(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids, rollouts.completion_mask,
                        loss_mask, advantages, rewards, G, old, ref, rollouts.logprobs, rollouts.routes)
+    if entropy is not None:
+        batch.entropies = entropy[0].to(backend.device)
+        batch.entropy_threshold = batch_entropy_threshold(entropy[0], loss_mask, a.top_entropy_quantile, backend,
+                                                          cfg.rollout.max_completion_length)
+        metrics["entropy_threshold"] = batch.entropy_threshold
     return batch, metrics

@@ -8,6 +8,7 @@ registered names.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,16 +27,39 @@ class Normalisers:
 
 
 Aggregation = Callable[[torch.Tensor, torch.Tensor, Normalisers], torch.Tensor]
-LOSS_TYPES: dict[str, Aggregation] = {}
+Surrogate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 
 
-def loss_type(name: str) -> Callable[[Aggregation], Aggregation]:
+def clipped_surrogate(logprobs, ratio, adv, epsilon_low: float, epsilon_high: float) -> torch.Tensor:
+    """-min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) per token   (PPO, GRPO)"""
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    return -torch.min(ratio * adv, clipped * adv)
+
+
+def cispo_surrogate(logprobs, ratio, adv, epsilon_low: float, epsilon_high: float) -> torch.Tensor:
+    """-sg(min(ratio, 1 + epsilon_high)) * A * logprobs per token   (CISPO, MiniMax-M1): the importance weight
+    is truncated and detached, so every token keeps its gradient -sg(w) * A * d logprobs. No lower bound."""
+    return -(ratio.clamp(max=1 + epsilon_high).detach() * adv * logprobs)
+
+
+@dataclass(frozen=True)
+class LossType:
+    aggregate: Aggregation  # token losses [N, T] -> the 0-dim loss
+    surrogate: Surrogate = clipped_surrogate  # the policy term of each token
+    needs_epsilon_high: bool = False  # refuse to run with epsilon_high unset
+
+
+LOSS_TYPES: dict[str, LossType] = {}
+
+
+def loss_type(name: str, surrogate: Surrogate = clipped_surrogate,
+              needs_epsilon_high: bool = False) -> Callable[[Aggregation], Aggregation]:
     """Register fn(token_losses [N, T] (zero outside the mask), mask [N, T], Normalisers) -> 0-dim loss under
-    `name`. Names are never overwritten."""
+    `name`, with the per-token policy term `surrogate` (default: the clipped one). Names are never overwritten."""
     def register(fn: Aggregation) -> Aggregation:
         if name in LOSS_TYPES:
             raise ValueError(f"loss type {name!r} is already registered (registered: {', '.join(LOSS_TYPES)})")
-        LOSS_TYPES[name] = fn
+        LOSS_TYPES[name] = LossType(fn, surrogate, needs_epsilon_high)
         return fn
     return register
 
@@ -56,6 +80,9 @@ def _local_token_mean(token_losses, mask, n: Normalisers):
 def _global_token_mean(token_losses, mask, n: Normalisers):
     """sum_{i,t} l_{i,t} / tokens of the global batch   (DAPO's token-level loss)"""
     return token_losses.sum() / max(float(n.global_tokens), 1.0)
+
+
+loss_type("cispo", surrogate=cispo_surrogate, needs_epsilon_high=True)(_global_token_mean)  # aggregated like dapo
 
 
 @loss_type("dr_grpo")
@@ -150,6 +177,11 @@ def policy_loss(
     rollout_logprobs: torch.Tensor | None = None,
     rollout_correction: str = "none",
     rollout_correction_cap: float = 2.0,
+    entropies: torch.Tensor | None = None,
+    top_entropy_quantile: float = 0.0,
+    entropy_threshold: float | None = None,
+    off_policy_mask_threshold: float | None = None,
+    kl_is_correction: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate minus a KL penalty, aggregated over tokens as `loss_type` says.
 
@@ -162,6 +194,8 @@ def policy_loss(
         bnpo:    sum_{i,t} l_{i,t} / local_tokens             (this process's tokens, sum_i |o_i|)
         dapo:    sum_{i,t} l_{i,t} / num_tokens               (tokens of the whole accumulated, global batch / W)
         dr_grpo: sum_{i,t} l_{i,t} / (N * max_completion_length)
+        cispo:   like dapo, with the policy term -sg(min(ratio, 1 + epsilon_high)) * A_i * logprobs (MiniMax-M1;
+                 epsilon_high required)
     For gradient accumulation pass the whole batch's `num_sequences` (N), `num_tokens` and `local_tokens`
     (default: num_tokens, else this call's mask): the losses of the micro-batches then sum to the loss of the
     whole batch, for every loss_type.
@@ -171,12 +205,25 @@ def policy_loss(
     rollout_correction, rollout_correction_cap)` gives (the KL term is not), and the rollout/* metrics are
     returned; rollout_correction "none" leaves the loss as it is.
 
+    Masks of the policy term (the KL term is kept, the aggregation's denominators are unchanged):
+    - top_entropy_quantile q > 0 with `entropies` [N, T] (the "80/20" high-entropy tokens): tokens whose
+      entropy is below the threshold = `masked_quantile` of the unmasked tokens' entropies at q contribute 0.
+      Pass `entropy_threshold` (computed once over the whole batch, every process) when this call sees a
+      micro-batch; q = 0 changes nothing.
+    - off_policy_mask_threshold delta (DeepSeek-V3.2): a completion with A_i < 0 and
+      mean_t(old_logprobs - logprobs) > delta contributes 0. None disables.
+    kl_is_correction (DeepSeek-V3.2): each token's KL estimate is multiplied by sg(exp(logprobs - old_logprobs)).
+
     Worked example (on-policy, beta 0, grpo): ratio = 1 everywhere, so the loss is -mean_i(A_i); with
     A = [1, -1, 2] and any mask with a token in each row, loss = -2/3.
     Returns the 0-dim loss and float metrics (clip ratios, mean KL when beta > 0).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    kind = LOSS_TYPES[loss_type]
+    if kind.needs_epsilon_high and epsilon_high is None:
+        raise ValueError(f"loss_type {loss_type!r} needs epsilon_high (its importance weight is truncated at "
+                         f"1 + epsilon_high)")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logprobs.dtype)
     lengths = mask.sum(dim=1)  # [N]
@@ -187,8 +234,7 @@ def policy_loss(
         raise ValueError(f"importance_level must be 'token' or 'sequence', got {importance_level!r}")
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [N, 1]
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]
+    per_token = kind.surrogate(logprobs, ratio, adv, epsilon_low, epsilon_high)  # [N, T] (or [N, 1])
 
     metrics: dict[str, float] = {}
     if rollout_logprobs is not None:
@@ -196,17 +242,33 @@ def policy_loss(
                                                       rollout_correction_cap)
         if rollout_correction != "none":
             per_token = per_token * weights
+    if top_entropy_quantile > 0 or entropy_threshold is not None:
+        if entropies is None:
+            raise ValueError("top_entropy_quantile needs the tokens' entropies")
+        if entropy_threshold is None:
+            entropy_threshold = masked_quantile(entropies, mask, top_entropy_quantile)
+        high = (entropies >= entropy_threshold).to(mask.dtype)
+        per_token = per_token * high
+        metrics["entropy_kept_fraction"] = _masked_mean(high, mask)
+    if off_policy_mask_threshold is not None:
+        with torch.no_grad():
+            drift = ((old_logprobs - logprobs.detach()) * mask).sum(dim=1) / lengths.clamp(min=1)  # [N]
+            off_policy = (advantages.to(drift.device) < 0) & (drift > off_policy_mask_threshold)
+        per_token = per_token * (~off_policy).to(mask.dtype).unsqueeze(1)
+        metrics["off_policy_masked_fraction"] = off_policy.float().mean().item()
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs ref_logprobs")
         kl = kl_per_token(logprobs, ref_logprobs, kl_estimator)
-        per_token = per_token + beta * kl
         metrics["kl"] = _masked_mean(kl.detach(), mask)
+        if kl_is_correction:
+            kl = kl * torch.exp(logprobs - old_logprobs).detach()
+        per_token = per_token + beta * kl
 
     tokens = mask.sum().item() if num_tokens is None else num_tokens
     normalisers = Normalisers(num_sequences if num_sequences is not None else logprobs.shape[0],
                               tokens if local_tokens is None else local_tokens, tokens, max_completion_length)
-    loss = LOSS_TYPES[loss_type](per_token * mask, mask, normalisers)
+    loss = kind.aggregate(per_token * mask, mask, normalisers)
 
     with torch.no_grad():
         r = ratio.expand_as(per_token)
@@ -216,6 +278,18 @@ def policy_loss(
         metrics["clip_ratio/high"] = _masked_mean(high.to(mask.dtype), mask)
         metrics["clip_ratio"] = metrics["clip_ratio/low"] + metrics["clip_ratio/high"]
     return loss, metrics
+
+
+def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> float:
+    """The q-quantile of values[mask == 1], linearly interpolated as torch.quantile does (without its
+    2^24-element limit): sorted v, position p = q * (n - 1), v[floor p] + (p - floor p) * (v[ceil p] - v[floor p]).
+    Example: values [3, 1, 2, 10] with the last masked out, q 0.25 -> sorted [1, 2, 3], p 0.5 -> 1.5."""
+    kept = values[mask.bool()].detach().float().sort().values
+    if kept.numel() == 0:
+        return 0.0
+    p = q * (kept.numel() - 1)
+    lo, hi = math.floor(p), math.ceil(p)
+    return (kept[lo] + (p - lo) * (kept[hi] - kept[lo])).item()
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

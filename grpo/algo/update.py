@@ -63,7 +63,10 @@ def accumulate_gradients(policy, batch, cfg, *, autocast=contextlib.nullcontext,
                 importance_level=a.importance_level, num_sequences=batch.advantages.shape[0],
                 num_tokens=local_tokens if num_tokens is None else num_tokens, local_tokens=local_tokens,
                 rollout_logprobs=None if batch.rollout_logprobs is None else batch.rollout_logprobs[rows],
-                rollout_correction=a.rollout_correction, rollout_correction_cap=a.rollout_correction_cap)
+                rollout_correction=a.rollout_correction, rollout_correction_cap=a.rollout_correction_cap,
+                entropies=None if batch.entropies is None else batch.entropies[rows],
+                entropy_threshold=batch.entropy_threshold, off_policy_mask_threshold=a.off_policy_mask_threshold,
+                kl_is_correction=a.kl_is_correction)
             backward(loss)
         share = mask.sum().item() / max(local_tokens, 1)  # token-weighted average of the micro-batch metrics
         totals["loss"] += loss.item()
