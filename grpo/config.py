@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -37,6 +37,19 @@ class ConfigError(UserError):
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    """Rank of each adapter (the update of a weight W is (alpha / r) * B A with B [out, r], A [r, in])."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input; only 0 for now (the trained log-probs must be those sampled)."""
+    target_modules: Union[str, list] = "all-linear"
+    """Layers that get adapters: `all-linear` (every linear layer but the output head) or module names such
+    as [q_proj, k_proj, v_proj, o_proj]."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
     """A local Hugging Face folder, a hub id, a `.gguf` file, or the built-in `smollm2-135m-instruct`."""
@@ -48,6 +61,9 @@ class ModelConfig:
     """Run model code shipped with a hub repo. Off unless you trust the repo."""
     attn_implementation: Optional[str] = "sdpa"
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`); null lets it choose."""
+    lora: Optional[LoraConfig] = None
+    """Train LoRA adapters (peft) instead of all weights: {r, alpha, dropout, target_modules}; `{}` takes the
+    defaults; null is full fine-tuning. The reference model is then the base model (adapters off)."""
 
 
 @dataclass(frozen=True)
@@ -626,12 +642,22 @@ def _build_section(where: str, cls: type, values: dict, problems: list[str]):
         if key not in fields:
             problems.append(_unknown(f"{where}.{key}", [f"{where}.{f}" for f in fields]))
             continue
+        section = _nested_section(hints[key])
+        if section is not None and isinstance(value, dict):
+            good[key] = _build_section(f"{where}.{key}", section, value, problems)
+            continue
         ok, value = _coerce(value, hints[key])
         if not ok:
             problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
             continue
         good[key] = value
     return cls(**good)
+
+
+def _nested_section(tp: Any) -> type | None:
+    """The dataclass a field holds (Optional[LoraConfig] -> LoraConfig), or None."""
+    candidates = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
 def _unknown(key: str, valid: list[str]) -> str:
@@ -737,6 +763,18 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("algorithm.off_policy_mask_threshold: must be >= 0, or null to disable")
     if a.baseline == "rloo" and r.num_generations < 2:
         p.append("algorithm.baseline: rloo needs rollout.num_generations >= 2")
+    if cfg.model.lora is not None:
+        lora = cfg.model.lora
+        if lora.r < 1 or lora.alpha <= 0:
+            p.append("model.lora: r must be at least 1 and alpha above 0")
+        if lora.dropout != 0:
+            p.append("model.lora.dropout: only 0 is supported: the policy is trained on the log-probs it sampled "
+                     "with, and dropout would change them")
+        if not lora.target_modules:
+            p.append("model.lora.target_modules: name the layers (or all-linear)")
+        if a.ref_reset_every:
+            p.append("algorithm.ref_reset_every: with model.lora the reference is the base model (adapters off); "
+                     "it cannot be reset")
     if a.kl_penalty == "reward" and a.beta == 0:
         p.append("algorithm.kl_penalty: 'reward' needs algorithm.beta > 0")
     if a.ref_reset_every and a.beta == 0:
@@ -774,7 +812,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 # Fields whose change makes a checkpoint mean something else; others (logging, max_steps, eval, ...) may change.
-RESUME_FIXED = ["model.name_or_path", "model.gguf_file", "model.dtype", "data.path", "data.split",
+RESUME_FIXED = ["model.name_or_path", "model.gguf_file", "model.dtype", "model.lora", "data.path", "data.split",
                 "data.prompt_column", "data.answer_column", "data.template", "data.prompt_format", "data.system_prompt",
                 "data.max_samples", "data.shuffle", "rollout.num_generations", "train.prompts_per_step", "train.seed",
                 "algorithm.beta", "algorithm.num_iterations", "algorithm.ref_reset_every"]

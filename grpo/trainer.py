@@ -149,7 +149,7 @@ def _train_loop(cfg: Config, out: Path, run: Run, checkpoint: Path | None) -> di
             (out / "eval_samples.json").write_text(json.dumps(samples, indent=1))
     weights = backend.whole_weights()  # collective when sharded
     if backend.is_main_process:
-        save_model(out / "final", models.model, run.tokenizer, weights)
+        save_model(out / "final", models.model, run.tokenizer, weights, merged=True)
         print(f"final model saved to {out / 'final'}")
     backend.barrier()
     tracker.finish()

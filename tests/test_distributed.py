@@ -53,8 +53,8 @@ def _run(cmd):
     return done.stdout
 
 
-def assert_same_final_weights(a_dir, b_dir):
-    a, b = load_file(a_dir / "final/model.safetensors"), load_file(b_dir / "final/model.safetensors")
+def assert_same_final_weights(a_dir, b_dir, folder="final"):
+    a, b = load_file(a_dir / folder / "model.safetensors"), load_file(b_dir / folder / "model.safetensors")
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
@@ -158,6 +158,33 @@ def test_deepspeed_zero3_processes_match_one_and_resume(tiny_model_dir, rules, t
     accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=2))
     accelerate("zero3", args_for(tiny_model_dir, rules, tmp_path / "three", "grpo", steps=3), ["--resume"])
     assert_same_final_weights(tmp_path / "two", tmp_path / "three")
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+def test_lora_processes_match_one(tiny_model_dir, rules, tmp_path, launcher):
+    """LoRA adapters (the reference is the base model with them off) under DDP and FSDP2: the same adapters
+    as one process, and a merged final model."""
+    lora = ["model.lora={r: 4, alpha: 8}"]
+    one = args_for(tiny_model_dir, rules, tmp_path / "one", "grpo") + lora
+    train(load_config(one[0], one[1:]))
+    two = args_for(tiny_model_dir, rules, tmp_path / "two", "grpo") + lora
+    printed = torchrun(two) if launcher == "ddp" else accelerate("fsdp", two)
+    assert "x 2 processes" in printed
+    a = load_file(tmp_path / "one/final/adapter_model.safetensors")
+    b = load_file(tmp_path / "two/final/adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert_same_final_weights(tmp_path / "one/final", tmp_path / "two/final", folder="merged")
+
+
+def test_lora_under_deepspeed_is_refused_by_name():
+    from grpo.backend.deepspeed import DeepSpeedBackend
+
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
+    backend.cfg = load_config(None, ["model.lora={}"])
+    with pytest.raises(ValueError, match="model.lora: not supported under DeepSpeed"):
+        backend._check_options()
 
 
 def test_sharded_enginesrefuse_whole_weight_options_by_name():

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from grpo.backend.accelerator import make_optimizer, make_scheduler
 from grpo.backend.allocator import keep_freed_memory
 from grpo.backend.cpu import install_cpu_kernels, release_packed_copies
+from grpo.modeling import lora
 from grpo.modeling.loading import load_model
 from grpo.modeling.logprobs import LogprobModel, causal_lm
 
@@ -67,8 +68,9 @@ class Backend:
         self._check_options()
         self._configure(micro_batches)
         policy = load_model(cfg.model, self.device)
-        reference = self._load_reference(policy) if cfg.algorithm.beta > 0 else None
-        optimizer = make_optimizer(policy.parameters(), cfg.optim, self.device)
+        adapters = lora.has_adapters(policy)  # LoRA: the reference is the policy with its adapters off
+        reference = self._load_reference(policy) if cfg.algorithm.beta > 0 and not adapters else None
+        optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim, self.device)
         scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.algorithm.num_iterations)
         # one module call per micro-batch, so DDP sees one forward per backward
         policy_module, optimizer, scheduler = self.accelerator.prepare(LogprobModel(policy, self.fused_head),
@@ -79,6 +81,8 @@ class Backend:
             for module in (model, reference):
                 if module is not None:
                     install_cpu_kernels(causal_lm(module))
+        if adapters and cfg.algorithm.beta > 0:
+            reference = lora.BaseModelLogprobs(policy_module, model)
         self.models = Models(policy_module, model, reference, optimizer, scheduler)
         return self.models
 

@@ -140,6 +140,12 @@ class DeepSpeedBackend(Backend):
         self.zero3 = stage(accelerator) == 3
         self.whole_weights_on_every_process = self.fused_head = not self.zero3
 
+    def _check_options(self) -> None:
+        if self.cfg.model.lora is not None:
+            raise ValueError("model.lora: not supported under DeepSpeed yet; train LoRA adapters with DDP or FSDP2 "
+                             "(configs/accelerate/ddp.yaml, fsdp.yaml), or set model.lora=null")
+        super()._check_options()
+
     def _configure(self, micro_batches: int) -> None:
         configure(self.accelerator, self.cfg, micro_batches)
 

@@ -113,7 +113,7 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
                         f"{missing[0]}); set sft.response_column to the column with the target responses")
     examples, _ = build_examples(rows, cfg.data, tokenizer, cfg.data.path)
     model = load_model(cfg.model, accelerator.device)
-    optimizer = make_optimizer(model.parameters(), cfg.optim, accelerator.device)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     sampler = PromptSampler(examples, cfg.train.seed, cfg.data.shuffle)
@@ -152,7 +152,7 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
                             sampler.state_dict(), to_yaml(cfg), keep_last_n=cfg.train.keep_last_n)
-    save_model(out / "final", accelerator.unwrap_model(model), tokenizer)
+    save_model(out / "final", accelerator.unwrap_model(model), tokenizer, merged=True)
     print(f"final model saved to {out / 'final'}")
     tracker.finish()
     return metrics

@@ -1,6 +1,7 @@
 """Checkpoints: the model in Hugging Face format, plus everything needed to continue the run exactly.
 
-A checkpoint folder holds model.safetensors (+ config and tokenizer, loadable with from_pretrained),
+A checkpoint folder holds model.safetensors (+ config and tokenizer, loadable with from_pretrained; a LoRA
+run's holds its adapters instead, grpo.modeling.lora),
 trainer_state.pt (step, optimizer, scheduler, data position, RNG states of python, numpy and torch) and the
 resolved config.yaml; with a resettable reference model, reference.safetensors too. It is written into
 `<name>.tmp` and renamed, so a folder named checkpoint-<step> is always complete; the `latest` file in the
@@ -19,13 +20,37 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from grpo.modeling import lora
+
 LATEST = "latest"
 
 
-def save_model(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+def save_model(folder: Path, model, tokenizer, state_dict: dict | None = None, merged: bool = False) -> None:
     """Model (safetensors) and tokenizer, loadable with AutoModelForCausalLM/AutoTokenizer.from_pretrained.
-    `state_dict`: the full weights, when `model` holds only a shard of them (FSDP)."""
+    `state_dict`: the full weights, when `model` holds only a shard of them (FSDP).
+
+    A model with LoRA adapters is saved as its adapters (peft's layout: adapter_config.json,
+    adapter_model.safetensors); merged=True adds `merged/`, the model with the adapters folded into its
+    weights, which loads without peft."""
+    if lora.has_adapters(model):
+        lora.save_adapter(Path(folder), model, state_dict)
+        tokenizer.save_pretrained(folder)
+        if merged:
+            save_plain_model(Path(folder) / "merged", model, tokenizer, lora.merged_state_dict(model, state_dict))
+        return
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
+
+
+def save_plain_model(folder: Path, model, tokenizer, state: dict) -> None:
+    """`state` (named as `model`'s architecture names its weights) as a Hugging Face model folder, written by
+    this process whatever its rank (save_pretrained writes on rank 0 only once torch.distributed is up)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = without_tied_copies(model, state)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -108,12 +133,18 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, reference=None, l
     optimizer.load_state_dict (sharded models take full states through them)."""
     folder = Path(folder)
     device = "cpu" if load_model else str(next(model.parameters()).device)
-    weights = load_file(folder / "model.safetensors", device=device)
-    expected = set(model.state_dict())
+    if lora.is_adapter_folder(folder):  # a LoRA run's checkpoint: the adapters, the base as configured
+        source = folder / lora.ADAPTER_WEIGHTS
+        weights = lora.model_keys(load_file(source, device=device))
+        expected = {k for k in model.state_dict() if "lora_" in k}
+    else:
+        source = folder / "model.safetensors"
+        weights = load_file(source, device=device)
+        expected = set(model.state_dict())
     missing, unexpected = expected - set(weights), sorted(set(weights) - expected)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     if unexpected or missing - tied:
-        raise ValueError(f"{folder}/model.safetensors does not fit the configured model: missing "
+        raise ValueError(f"{source} does not fit the configured model (model.lora included): missing "
                          f"{sorted(missing - tied)[:5]}, unexpected {unexpected[:5]}")
     (load_model or (lambda w: model.load_state_dict(w, strict=False)))(weights)
     if reference is not None and (folder / "reference.safetensors").is_file():

@@ -7,6 +7,7 @@ Knows nothing of training or data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from grpo.config import looks_local
 from grpo.errors import UserError
+from grpo.modeling import lora
 
 BUILTIN_MODELS = {
     # name: (package that ships the file, GGUF file inside it)
@@ -95,7 +97,23 @@ def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg, device: torch.device | str = "cpu", trainable: bool = True) -> PreTrainedModel:
-    """The causal LM for `cfg` (a ModelConfig) on `device`, dropout off; parameters frozen unless trainable."""
+    """The causal LM for `cfg` (a ModelConfig) on `device`, dropout off; parameters frozen unless trainable.
+
+    With cfg.lora (and trainable), LoRA adapters are injected and only they train (grpo.modeling.lora).
+    A folder of saved adapters (a LoRA run's checkpoint) loads as its base model with those adapters; one
+    with a `merged/` model in it (a LoRA run's final/) loads that merged model.
+    """
+    name = cfg.name_or_path
+    if lora.is_adapter_folder(name):
+        if (Path(name) / "merged").is_dir():
+            return load_model(dataclasses.replace(cfg, name_or_path=str(Path(name) / "merged")), device, trainable)
+        model = load_model(dataclasses.replace(cfg, name_or_path=lora.adapter_base_name(name), lora=None), device,
+                           trainable=False)
+        lora.load_adapter(model, Path(name))
+        if trainable:
+            for param_name, param in model.named_parameters():
+                param.requires_grad_("lora_" in param_name)
+        return model
     source, gguf = resolve_source(cfg.name_or_path, cfg.gguf_file)
     if cfg.trust_remote_code:
         print(f"model.trust_remote_code is on: running code shipped with {source}")
@@ -107,6 +125,9 @@ def load_model(cfg, device: torch.device | str = "cpu", trainable: bool = True) 
         _detach_gguf_quantizer(model, source, gguf)
     model.eval()  # no dropout: the log-probs trained on must be those the rollout sampled from
     model.requires_grad_(trainable)
+    if cfg.lora is not None and trainable:
+        local = Path(cfg.name_or_path).expanduser()
+        lora.add_adapters(model, cfg.lora, str(local.resolve()) if local.exists() else cfg.name_or_path)
     return model
 
 

@@ -5,7 +5,8 @@
   weight updates. It starts from a copy of the policy written to a temporary Hugging Face folder (any model
   source works: hub id, folder or GGUF), with its KV cache bounded by `rollout.vllm_kv_cache_gib`.
 - `sync_weights(model)` pushes the policy's current weights into the engine's model in place (no reload from
-  disk), from whatever module the backend gives: the policy itself, or the gathered copy under FSDP/ZeRO-3.
+  disk), from whatever module the backend gives: the policy itself, or the gathered copy under FSDP/ZeRO-3;
+  with LoRA adapters, the weights with the adapters merged in.
 - Prompts go in as the trainer's own token ids, so both see the same tokens. Each sampled token's log-prob
   comes back (vLLM's processed log-probs: after temperature), for the mismatch correction of grpo.algo.loss.
 - Per-completion seeds are not passed (vLLM's CPU sampler refuses them without graph capture): sampling
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 
 from grpo.errors import UserError
+from grpo.io.checkpoint import save_plain_model
+from grpo.modeling.lora import merged_state_dict
 from grpo.rollout.base import Rollouts, Sampling, completion_mask, eos_token_ids
 
 
@@ -44,7 +47,7 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer, model)
         self._folder = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
-        _write_model_folder(model, tokenizer, Path(self._folder.name))
+        save_plain_model(Path(self._folder.name), model, tokenizer, merged_state_dict(model))
         dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision) or \
             {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[next(model.parameters()).dtype]
         started = time.perf_counter()
@@ -61,7 +64,7 @@ class VLLMEngine:
         after the engine started)."""
         started = time.perf_counter()
         with torch.no_grad():
-            weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+            weights = ((name, tensor.detach()) for name, tensor in merged_state_dict(model).items())
             self.llm.llm_engine.model_executor.driver_worker.worker.reload_weights(weights_iterator=weights)
         self.push_seconds.append(time.perf_counter() - started)
 
@@ -102,18 +105,3 @@ class VLLMEngine:
             prompts=[p for p in prompts for _ in range(G)],
             logprobs=None if logprobs is None else (logprobs[:, :T] * mask).to(d),
         )
-
-
-def _write_model_folder(model, tokenizer, folder: Path) -> None:
-    """The model as a Hugging Face folder, written by this process whatever its rank (save_pretrained writes
-    on rank 0 only once torch.distributed is up, and every process starts its own engine)."""
-    from safetensors.torch import save_file
-
-    from grpo.io.checkpoint import without_tied_copies
-
-    state = without_tied_copies(model, model.state_dict())
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
-    model.config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
