@@ -384,7 +384,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def describe() -> str:
     """Every section and field with its type, default and doc, for `grpo validate --doc`."""
     out = []
-    for section, cls in [*SECTIONS.items(), ("rewards[]", RewardSpec)]:
+    for section, cls in [*SECTIONS.items(), ("model.lora", LoraConfig), ("rewards[]", RewardSpec)]:
         out.append(f"{section}:")
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):

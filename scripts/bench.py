@@ -16,6 +16,7 @@ tokens, and prompt + completion tokens, per second of the whole step).
     python scripts/bench.py --precision bf16 --steps 3
     python scripts/bench.py --baseline HEAD~1     # also this trainer at another commit (a git worktree)
     python scripts/bench.py --engines builtin vllm  # grpo with each rollout engine (vllm: the vllm extra)
+    python scripts/bench.py --lora 16             # also grpo training LoRA adapters (r 16, alpha 32, all linear layers)
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--trainers", nargs="+", default=["grpo", "trl"], choices=["grpo", "trl"])
     p.add_argument("--engines", nargs="+", default=["builtin"], choices=["builtin", "vllm"],
                    help="rollout engines for the grpo rows (row grpo+vllm for vllm)")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="also a grpo+lora row: LoRA adapters of rank R (alpha 2R) on every linear layer")
     p.add_argument("--engine", default="builtin", help=argparse.SUPPRESS)
+    p.add_argument("--lora-rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--baseline", help="a commit: also time grpo at that commit (row grpo@<commit>), in the same "
                                       "invocation, to compare a change against it")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -83,6 +87,7 @@ def run_grpo(args, workdir: Path, precision: str) -> dict:
         f"train.max_steps={args.steps + 1}", f"train.mixed_precision={precision}", f"train.output_dir={out}",
         "logging.wandb=disabled", "scoring.canary=false",
         *([f"rollout.engine={args.engine}", "rollout.vllm_kv_cache_gib=1.0"] if args.engine != "builtin" else []),
+        *([f"model.lora={{r: {args.lora_rank}, alpha: {2 * args.lora_rank}}}"] if args.lora_rank else []),
     ])
     train(cfg)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -188,6 +193,7 @@ def main() -> None:
         prepare(workdir, args.prompts * (args.steps + 1))
         lengths = prompt_tokens(workdir)
         rows = [f"grpo+{e}" if e != "builtin" else "grpo" for e in args.engines] if "grpo" in args.trainers else []
+        rows += ["grpo+lora"] if args.lora and "grpo" in args.trainers else []
         results, code = {}, {trainer: None for trainer in rows + [t for t in args.trainers if t != "grpo"]}
         if args.baseline:
             commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
@@ -198,8 +204,10 @@ def main() -> None:
         for precision in args.precision:
             for trainer, tree in code.items():
                 print(f"--- {trainer} {precision} ---", flush=True)
-                engine = trainer.split("+")[1] if "+" in trainer else "builtin"
-                cmd = [sys.executable, __file__, "--worker", trainer.split("@")[0].split("+")[0], "--engine", engine,
+                variant = trainer.split("+")[1] if "+" in trainer else "builtin"
+                cmd = [sys.executable, __file__, "--worker", trainer.split("@")[0].split("+")[0],
+                       "--engine", "builtin" if variant == "lora" else variant,
+                       "--lora-rank", str(args.lora if variant == "lora" else 0),
                        "--workdir", str(workdir),
                        "--one-precision", precision, "--steps", str(args.steps), "--prompts", str(args.prompts),
                        "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
