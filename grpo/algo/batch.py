@@ -83,10 +83,10 @@ def make_batch(rollouts, scores, models, cfg, backend) -> tuple[TrainBatch, dict
     a = cfg.algorithm
     rewards, loss_mask = shape_rewards(scores.total, rollouts, cfg)
     entropy = [] if a.top_entropy_quantile > 0 else None  # pi_old's, in the same pass as its log-probs
-    old = None
-    if kl.needs_old_logprobs(a.num_iterations) or entropy is not None:
+    old, needs_old = None, kl.needs_old_logprobs(a.num_iterations)
+    if needs_old or entropy is not None:
         old = no_grad_logprobs(models.policy, rollouts, cfg, backend.autocast, entropy)
-        old = old if kl.needs_old_logprobs(a.num_iterations) else None
+        old = old if needs_old else None
     ref = None if models.reference is None else no_grad_logprobs(models.reference, rollouts, cfg, backend.autocast)
     metrics = {}
     if kl.in_reward:

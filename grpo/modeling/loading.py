@@ -111,8 +111,7 @@ def load_model(cfg, device: torch.device | str = "cpu", trainable: bool = True) 
                            trainable=False)
         lora.load_adapter(model, Path(name))
         if trainable:
-            for param_name, param in model.named_parameters():
-                param.requires_grad_("lora_" in param_name)
+            lora.train_only_adapters(model)
         return model
     source, gguf = resolve_source(cfg.name_or_path, cfg.gguf_file)
     if cfg.trust_remote_code:

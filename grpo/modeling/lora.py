@@ -34,9 +34,14 @@ def add_adapters(model, lora_cfg, base_name: str):
                         target_modules=lora_cfg.target_modules, base_model_name_or_path=base_name,
                         task_type="CAUSAL_LM")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    train_only_adapters(model)
+    return model
+
+
+def train_only_adapters(model) -> None:
+    """Adapter weights trainable, every other weight frozen."""
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
-    return model
 
 
 def _lora_layers(model) -> list:
