@@ -5,6 +5,7 @@
     python scripts/learning_numbers.py moe                  # -> docs/results/moe.md
     python scripts/learning_numbers.py engines --seeds 2    # -> docs/results/engines.md (needs the vllm extra)
     python scripts/learning_numbers.py variants --seeds 2   # -> docs/results/variants.md
+    python scripts/learning_numbers.py lora --seeds 2       # -> docs/results/lora.md
 
 Each table is measured by running the `grpo` commands a user runs, in fresh processes, on this machine; held-out
 accuracy is `accuracy` (the value a completion states, docs/rewards.md) on the 100 held-out sums, greedy. Sample
@@ -16,6 +17,11 @@ correct one per question fine-tunes the base model (`grpo distill`); then GRPO t
 same seed for the same wall-clock time as that distillation took (`train.time_limit`), and both are evaluated.
 engines: the quickstart with each rollout engine (rollout.engine builtin and vllm) for each seed (train.seed).
 variants: the quickstart with each policy-gradient variant (grpo, dapo, cispo, rloo, centred_batch) for each seed.
+lora: the quickstart with full fine-tuning and with LoRA (model.lora r 16, alpha 32, lr --lr) for each seed.
+
+variants and lora run their `grpo train` commands through one pool: `--parallel N` runs N at a time with
+`--threads T` torch threads each (learning numbers do not depend on it; step times do, so they are reported with
+it); `--reuse` keeps runs an earlier invocation finished (each finished run writes `numbers.json`, with its commit).
 moe: configs/deepseek_v3_tiny.yaml on the tiny random DeepSeek-V3, 20 steps without and with auxiliary-loss-free
 balancing (moe.bias_update_speed=0.01): routing metrics and rewards, mean of steps 1-5 and 16-20.
 """
@@ -45,6 +51,91 @@ def grpo(*args: str) -> tuple[float, str]:
     if done.returncode != 0:
         sys.exit(f"grpo {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return time.perf_counter() - started, done.stdout
+
+
+def claim(folder: Path) -> bool:
+    """Claim FOLDER for this process (FOLDER.claim holds the pid); False when a live process holds it."""
+    import os
+
+    path = Path(f"{folder}.claim")
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = int(path.read_text() or 0)
+            if owner and Path(f"/proc/{owner}").exists():
+                return False
+            path.unlink(missing_ok=True)  # its process is gone: take the run over
+            continue
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        return True
+    return False
+
+
+def train_pool(jobs: dict[Path, list[str]], args) -> dict[Path, dict]:
+    """Run `grpo train configs/quickstart.yaml train.output_dir=FOLDER ARGS` for each FOLDER, `args.parallel` at a
+    time with OMP_NUM_THREADS=`args.threads` each; returns each folder's `numbers.json` (seconds, commit, threads).
+
+    With `args.reuse`, a folder whose `numbers.json` exists is not run again, and a folder another invocation is
+    running (FOLDER.claim) is waited for, so several invocations can share the work. A failed run stops the pool
+    and exits with its log's tail (the log is FOLDER.log)."""
+    import os
+
+    def finished(folder: Path) -> bool:
+        return args.reuse and (folder / "numbers.json").exists()
+
+    todo, elsewhere = list(jobs), []
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    running: dict[Path, tuple[subprocess.Popen, float]] = {}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            folder = todo.pop(0)
+            if finished(folder):
+                continue
+            if args.reuse and not claim(folder):
+                elsewhere.append(folder)
+                continue
+            (folder / "numbers.json").unlink(missing_ok=True)
+            command = [sys.executable, "-m", "grpo", "train", "configs/quickstart.yaml", f"train.output_dir={folder}",
+                       *jobs[folder], "logging.wandb=disabled"]
+            print(f"started {folder.name}: {' '.join(command[3:])}", flush=True)
+            with open(f"{folder}.log", "w") as log:
+                running[folder] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                                   time.perf_counter())
+        time.sleep(2)
+        for folder, (process, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[folder]
+            if process.returncode != 0:
+                for other, _ in running.values():
+                    other.terminate()
+                sys.exit(f"{folder.name} failed ({process.returncode}); {folder}.log ends:\n"
+                         + Path(f"{folder}.log").read_text()[-3000:])
+            seconds = time.perf_counter() - started
+            (folder / "numbers.json").write_text(json.dumps(
+                {"seconds": seconds, "commit": commit, "threads": args.threads or "default",
+                 "parallel": args.parallel}))
+            Path(f"{folder}.claim").unlink(missing_ok=True)
+            print(f"finished {folder.name} in {seconds / 60:.1f} min", flush=True)
+    for folder in elsewhere:
+        print(f"waiting for {folder.name} (claimed by another invocation)", flush=True)
+        while not (folder / "numbers.json").exists():
+            if claim(folder):  # its owner died without finishing
+                Path(f"{folder}.claim").unlink()
+                sys.exit(f"{folder.name}: the invocation running it stopped; run this command again")
+            time.sleep(10)
+    return {f: json.loads((f / "numbers.json").read_text()) for f in jobs}
+
+
+def pool_note(done: dict[Path, dict]) -> str:
+    commits = sorted({d["commit"] for d in done.values()})
+    ways = sorted({f"{d['parallel']} at a time, {d['threads']} threads each" for d in done.values()})
+    return f"Runs from commit {', '.join(commits)}; {'; '.join(ways)}."
 
 
 def provenance() -> str:
@@ -192,31 +283,59 @@ VARIANTS = {
 }
 
 
-def variants(args) -> None:
+def compare(runs: list[tuple[str, int, Path]]) -> tuple[list[str], dict[str, list[dict]]]:
+    """Table rows (one per (label, seed, folder), then each label's mean) and seed 0's greedy samples per label."""
     rows, samples = [], {}
-    for name, overrides in VARIANTS.items():
-        for seed in range(args.seeds):
-            run = RUNS / f"variant-{name}-seed{seed}"
-            grpo("train", "configs/quickstart.yaml", f"train.output_dir={run}", f"train.seed={seed}", *overrides)
-            reward = {r["step"]: r["reward"] for r in records(run) if "loss" in r}
-            before, after = held_out(run)
-            rows.append((name, seed, before, after, [reward[s] for s in (10, 20, 30)]))
-            if seed == 0:
-                samples[name] = json.loads((run / "eval_samples.json").read_text())["after"][:3]
-    table = [f"| {name} | {seed} | {before:.2f} | {after:.2f} | " + " | ".join(f"{r:.2f}" for r in rewards) + " |"
-             for name, seed, before, after, rewards in rows]
-    means = [f"| {name} | mean | | {statistics.mean(r[3] for r in rows if r[0] == name):.2f} | "
-             + " | ".join(f"{statistics.mean(r[4][k] for r in rows if r[0] == name):.2f}" for k in range(3)) + " |"
-             for name in VARIANTS]
-    text = ["# Policy-gradient variants on the quickstart", "", provenance(), "",
+    for label, seed, run in runs:
+        steps = [r for r in records(run) if "loss" in r]
+        reward = {r["step"]: r["reward"] for r in steps}
+        before, after = held_out(run)
+        rows.append((label, seed, before, after, [reward[s] for s in (10, 20, 30)],
+                     statistics.mean(r["step_time"] for r in steps)))
+        if seed == 0:
+            samples[label] = json.loads((run / "eval_samples.json").read_text())["after"][:3]
+    table = [f"| {label} | {seed} | {before:.2f} | {after:.2f} | " + " | ".join(f"{r:.2f}" for r in rewards)
+             + f" | {step:.1f} s |" for label, seed, before, after, rewards, step in rows]
+    labels = list(dict.fromkeys(r[0] for r in rows))
+    table += [f"| {label} | mean | | {statistics.mean(r[3] for r in rows if r[0] == label):.2f} | "
+              + " | ".join(f"{statistics.mean(r[4][k] for r in rows if r[0] == label):.2f}" for k in range(3))
+              + " | |" for label in labels]
+    header = ["| run | seed | held-out before | held-out after | reward step 10 | step 20 | step 30 | mean step |",
+              "|---" * 8 + "|"]
+    return header + table, samples
+
+
+GRADING = ("Held-out accuracy: `accuracy` (the value a completion states must equal the sum) on the 100 held-out "
+           "sums, greedy. Reward: the step's mean over its 64 samples. Mean step: seconds, with the threads above.")
+
+
+def variants(args) -> None:
+    jobs = {RUNS / f"variant-{name}-seed{seed}": [f"train.seed={seed}", *overrides]
+            for seed in range(args.seeds) for name, overrides in VARIANTS.items()}
+    done = train_pool(jobs, args)
+    table, samples = compare([(name, seed, RUNS / f"variant-{name}-seed{seed}")
+                              for name in VARIANTS for seed in range(args.seeds)])
+    text = ["# Policy-gradient variants on the quickstart", "", provenance(), pool_note(done), "",
             "`grpo train configs/quickstart.yaml train.seed=SEED` with each variant's overrides: "
-            + "; ".join(f"{name}: {' '.join(o) or '(none)'}" for name, o in VARIANTS.items()) + ". "
-            "Held-out accuracy: `accuracy` (the value a completion states must equal the sum) on the 100 held-out "
-            "sums, greedy. Reward: the step's mean over its 64 samples.", "",
-            "| variant | seed | held-out before | held-out after | reward step 10 | step 20 | step 30 |",
-            "|---" * 7 + "|", *table, *means, "",
-            "Greedy held-out completions after training (seed 0):", "", *sample_lines(samples), ""]
+            + "; ".join(f"{name}: {' '.join(o) or '(none)'}" for name, o in VARIANTS.items()) + ". " + GRADING, "",
+            *table, "", "Greedy held-out completions after training (seed 0):", "", *sample_lines(samples), ""]
     write("variants.md", text)
+
+
+def lora(args) -> None:
+    adapters = ["model.lora={r: 16, alpha: 32}", f"optim.lr={args.lr}"]
+    jobs = {}
+    for seed in range(args.seeds):  # full fine-tuning is the variants table's grpo run (same folder, reusable)
+        jobs[RUNS / f"lora-seed{seed}"] = [f"train.seed={seed}", *adapters]
+        jobs[RUNS / f"variant-grpo-seed{seed}"] = [f"train.seed={seed}"]
+    done = train_pool(jobs, args)
+    table, samples = compare([(label, seed, RUNS / f"{folder}-seed{seed}") for seed in range(args.seeds)
+                              for label, folder in (("full", "variant-grpo"), ("lora", "lora"))])
+    text = ["# LoRA against full fine-tuning on the quickstart", "", provenance(), pool_note(done), "",
+            "`grpo train configs/quickstart.yaml train.seed=SEED` (full: lr 1e-5, as shipped) and the same with "
+            f"`{' '.join(adapters)}` (lora: r 16 on all linear layers). " + GRADING, "",
+            *table, "", "Greedy held-out completions after training (seed 0):", "", *sample_lines(samples), ""]
+    write("lora.md", text)
 
 
 def moe(_args) -> None:
@@ -262,6 +381,14 @@ def main() -> None:
     v = sub.add_parser("variants")
     v.add_argument("--seeds", type=int, default=2)
     v.set_defaults(run=variants)
+    lo = sub.add_parser("lora")
+    lo.add_argument("--seeds", type=int, default=2)
+    lo.add_argument("--lr", type=float, default=1e-4, help="the LoRA runs' optim.lr (full fine-tuning: 1e-5)")
+    lo.set_defaults(run=lora)
+    for pooled in (v, lo):
+        pooled.add_argument("--parallel", type=int, default=1, help="runs at a time")
+        pooled.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
+        pooled.add_argument("--reuse", action="store_true", help="keep runs that have a numbers.json")
     e = sub.add_parser("engines")
     e.add_argument("--seeds", type=int, default=2)
     e.set_defaults(run=engines)
