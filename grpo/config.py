@@ -47,6 +47,10 @@ class LoraConfig:
     target_modules: Union[str, list] = "all-linear"
     """Layers that get adapters: `all-linear` (every linear layer but the output head) or module names such
     as [q_proj, k_proj, v_proj, o_proj]."""
+    merged_generation: bool = True
+    """The built-in engine decodes with the adapters merged into the weights (faster: plain linear layers;
+    holds a copy of the adapted layers' weights while it generates, restored exactly after). false: decode
+    through the adapters, no copy."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,34 @@ def test_adapters_disabled_compute_the_base_model(tiny_model_dir):
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())  # restored after
 
 
+def test_merged_weights_compute_the_adapted_model_and_restore_every_weight_exactly(tiny_model_dir):
+    model = adapted(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 9, 12, 3, 7, 1]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        with lora.merged_weights(model):
+            assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # W holds W + s B A
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bit for bit
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)  # adapters on again
+
+
+def test_the_builtin_engine_samples_the_same_with_merged_or_adapted_weights(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from grpo.config import RolloutConfig
+    from grpo.rollout import BuiltinEngine, Sampling
+
+    model, tokenizer = adapted(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    sampling = Sampling.from_config(RolloutConfig(num_generations=4, max_completion_length=12), 4, seeds=range(8),
+                                    logprobs=True)
+    runs = [BuiltinEngine(tokenizer, model=model, merge_adapters=merge).generate(["12+30=", "7+5="], sampling)
+            for merge in (False, True)]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-5, rtol=0)
+
+
 def test_reference_log_probs_are_the_base_models(tiny_model_dir, mixed_rollouts):
     """The backend's reference for a LoRA run (no second copy of the weights) against a separately loaded base."""
     from grpo.algo.batch import no_grad_logprobs

@@ -69,6 +69,31 @@ def adapters_disabled(model):
             layer._disable_adapters = False
 
 
+@contextlib.contextmanager
+def merged_weights(model):
+    """Inside: each adapted layer's W holds W + (alpha / r) * B A (as `merged_state_dict` computes it) and its
+    adapter is switched off, so `model` computes the adapted function with plain linear layers (what decoding
+    runs fastest: no two extra small matmuls per layer per token). On exit every W is restored bit for bit from
+    a copy of the adapted layers' weights, held only inside the block. A no-op without adapters."""
+    layers = [m for m in _lora_layers(model) if not getattr(m, "merged", False)]
+    saved = []
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            saved.append(weight.detach().clone())
+            delta = layer.lora_B[ADAPTER].weight.float() @ layer.lora_A[ADAPTER].weight.float()
+            delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+            weight.copy_((weight.float() + delta * layer.scaling[ADAPTER]).to(weight.dtype))
+            layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, original in zip(layers, saved):
+                layer.get_base_layer().weight.copy_(original)
+                layer._disable_adapters = False
+
+
 def adapter_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter weights under peft's saved names (base_model.model.<module>.lora_A.weight, ...)."""
     from peft import get_peft_model_state_dict

@@ -8,7 +8,8 @@ from grpo.rollout.builtin import BuiltinEngine, generate, sample_tokens  # noqa:
 def make_engine(cfg, model, tokenizer, autocast) -> RolloutEngine:
     """The engine cfg.rollout.engine names, sampling from `model` (a causal LM with whole weights)."""
     if cfg.rollout.engine == "builtin":
-        return BuiltinEngine(tokenizer, autocast, model)
+        lora = cfg.model.lora
+        return BuiltinEngine(tokenizer, autocast, model, merge_adapters=lora is not None and lora.merged_generation)
     from grpo.rollout.vllm import VLLMEngine
 
     from grpo.backend.accelerator import resolved_precision

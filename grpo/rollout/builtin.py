@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from grpo.modeling.logprobs import cache_arg, position_ids_from_mask
+from grpo.modeling.lora import merged_weights
 from grpo.rollout.base import Rollouts, Sampling, completion_mask, eos_token_ids
 
 
@@ -172,13 +173,15 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
 
 class BuiltinEngine:
     """The RolloutEngine that decodes with the policy itself (`generate`): sync_weights only points it at the
-    model, which shares the policy's memory (or is the whole-weight copy a sharded backend gathered)."""
+    model, which shares the policy's memory (or is the whole-weight copy a sharded backend gathered).
+    A model with LoRA adapters decodes with them merged into its weights when `merge_adapters`
+    (grpo.modeling.lora.merged_weights; the weights are restored exactly after each call)."""
 
     startup_seconds = 0.0
 
     def __init__(self, tokenizer, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 model=None):
-        self.tokenizer, self.autocast, self.model = tokenizer, autocast, model
+                 model=None, merge_adapters: bool = False):
+        self.tokenizer, self.autocast, self.model, self.merge_adapters = tokenizer, autocast, model, merge_adapters
 
     def sync_weights(self, model) -> None:
         self.model = model
@@ -189,6 +192,7 @@ class BuiltinEngine:
     def generate(self, prompts: list[str], sampling: Sampling) -> Rollouts:
         if self.model is None:
             raise RuntimeError("BuiltinEngine.generate before sync_weights: the engine has no model yet")
-        return generate(self.model, self.tokenizer, prompts, sampling.n, sampling, greedy=sampling.greedy,
-                        autocast=self.autocast, seeds=None if sampling.seeds is None else list(sampling.seeds),
-                        logprobs=sampling.logprobs)
+        with merged_weights(self.model) if self.merge_adapters else contextlib.nullcontext():
+            return generate(self.model, self.tokenizer, prompts, sampling.n, sampling, greedy=sampling.greedy,
+                            autocast=self.autocast, seeds=None if sampling.seeds is None else list(sampling.seeds),
+                            logprobs=sampling.logprobs)
