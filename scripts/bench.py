@@ -17,6 +17,7 @@ tokens, and prompt + completion tokens, per second of the whole step).
     python scripts/bench.py --baseline HEAD~1     # also this trainer at another commit (a git worktree)
     python scripts/bench.py --engines builtin vllm  # grpo with each rollout engine (vllm: the vllm extra)
     python scripts/bench.py --lora 16             # also grpo training LoRA adapters (r 16, alpha 32, all linear layers)
+    python scripts/bench.py --lora 16 --lora-adapted  # and LoRA decoding through the adapters, not merged weights
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def parse_args(argv=None):
                    help="rollout engines for the grpo rows (row grpo+vllm for vllm)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="also a grpo+lora row: LoRA adapters of rank R (alpha 2R) on every linear layer")
+    p.add_argument("--lora-adapted", action="store_true",
+                   help="also a grpo+lora-adapted row: the same, decoding through the adapters "
+                        "(model.lora.merged_generation=false) rather than with them merged into the weights")
     p.add_argument("--engine", default="builtin", help=argparse.SUPPRESS)
+    p.add_argument("--lora-merged", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--lora-rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--baseline", help="a commit: also time grpo at that commit (row grpo@<commit>), in the same "
                                       "invocation, to compare a change against it")
@@ -87,7 +92,8 @@ def run_grpo(args, workdir: Path, precision: str) -> dict:
         f"train.max_steps={args.steps + 1}", f"train.mixed_precision={precision}", f"train.output_dir={out}",
         "logging.wandb=disabled", "scoring.canary=false",
         *([f"rollout.engine={args.engine}", "rollout.vllm_kv_cache_gib=1.0"] if args.engine != "builtin" else []),
-        *([f"model.lora={{r: {args.lora_rank}, alpha: {2 * args.lora_rank}}}"] if args.lora_rank else []),
+        *([f"model.lora={{r: {args.lora_rank}, alpha: {2 * args.lora_rank}, "
+            f"merged_generation: {bool(args.lora_merged)}}}"] if args.lora_rank else []),
     ])
     train(cfg)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -194,6 +200,7 @@ def main() -> None:
         lengths = prompt_tokens(workdir)
         rows = [f"grpo+{e}" if e != "builtin" else "grpo" for e in args.engines] if "grpo" in args.trainers else []
         rows += ["grpo+lora"] if args.lora and "grpo" in args.trainers else []
+        rows += ["grpo+lora-adapted"] if args.lora and args.lora_adapted and "grpo" in args.trainers else []
         results, code = {}, {trainer: None for trainer in rows + [t for t in args.trainers if t != "grpo"]}
         if args.baseline:
             commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
@@ -206,8 +213,9 @@ def main() -> None:
                 print(f"--- {trainer} {precision} ---", flush=True)
                 variant = trainer.split("+")[1] if "+" in trainer else "builtin"
                 cmd = [sys.executable, __file__, "--worker", trainer.split("@")[0].split("+")[0],
-                       "--engine", "builtin" if variant == "lora" else variant,
-                       "--lora-rank", str(args.lora if variant == "lora" else 0),
+                       "--engine", "builtin" if variant.startswith("lora") else variant,
+                       "--lora-rank", str(args.lora if variant.startswith("lora") else 0),
+                       "--lora-merged", str(int(variant != "lora-adapted")),
                        "--workdir", str(workdir),
                        "--one-precision", precision, "--steps", str(args.steps), "--prompts", str(args.prompts),
                        "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
