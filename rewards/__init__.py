@@ -9,6 +9,7 @@ declares a batched form and canary samples. Rules know nothing of tensors, model
 the built-ins by the keys of `BUILTINS`.
 """
 
+from rewards.code import code_tests
 from rewards.format import format_reward, reasoning_steps, tag_count
 from rewards.length import cosine_length, repetition_penalty, soft_overlong, target_length
 from rewards.math import accuracy, countdown
@@ -16,6 +17,7 @@ from rewards.math import accuracy, countdown
 BUILTINS = {
     "accuracy": accuracy,
     "countdown": countdown,
+    "code_tests": code_tests,
     "format": format_reward,
     "tag_count": tag_count,
     "reasoning_steps": reasoning_steps,
