@@ -332,11 +332,11 @@ def lora(args) -> None:
     adapters = ["model.lora={r: 16, alpha: 32}", f"optim.lr={args.lr}"]
     jobs = {}
     for seed in range(args.seeds):  # full fine-tuning is the variants table's grpo run (same folder, reusable)
-        jobs[RUNS / f"lora-seed{seed}"] = [f"train.seed={seed}", *adapters]
+        jobs[RUNS / f"lora-lr{args.lr:g}-seed{seed}"] = [f"train.seed={seed}", *adapters]
         jobs[RUNS / f"variant-grpo-seed{seed}"] = [f"train.seed={seed}"]
     done = train_pool(jobs, args)
     table, samples = compare([(label, seed, RUNS / f"{folder}-seed{seed}") for seed in range(args.seeds)
-                              for label, folder in (("full", "variant-grpo"), ("lora", "lora"))])
+                              for label, folder in (("full", "variant-grpo"), ("lora", f"lora-lr{args.lr:g}"))])
     text = ["# LoRA against full fine-tuning on the quickstart", "", provenance(), pool_note(done), "",
             "`grpo train configs/quickstart.yaml train.seed=SEED` (full: lr 1e-5, as shipped) and the same with "
             f"`{' '.join(adapters)}` (lora: r 16 on all linear layers). " + GRADING, "",
@@ -389,7 +389,7 @@ def main() -> None:
     v.set_defaults(run=variants)
     lo = sub.add_parser("lora")
     lo.add_argument("--seeds", type=int, default=2)
-    lo.add_argument("--lr", type=float, default=1e-4, help="the LoRA runs' optim.lr (full fine-tuning: 1e-5)")
+    lo.add_argument("--lr", type=float, default=4e-4, help="the LoRA runs' optim.lr (full fine-tuning: 1e-5)")
     lo.set_defaults(run=lora)
     for pooled in (v, lo):
         pooled.add_argument("--parallel", type=int, default=1, help="runs at a time")
