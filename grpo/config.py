@@ -117,6 +117,17 @@ class RolloutConfig:
     """engine vllm: memory for vLLM's KV cache, per process (without a bound it takes most of the machine)."""
     vllm_enforce_eager: bool = True
     """engine vllm: skip graph compilation (start-up in seconds instead of minutes; slower decoding)."""
+    max_turns: int = 4
+    """With `tools`: the most model turns in one completion (a tool call in the last one is not run)."""
+    tool_format: Literal["auto", "template", "plain"] = "auto"
+    """With `tools`: how calls and results are written: the chat template's tool messages (`template`), or
+    <tool_call>/<tool_response> tags inside the assistant's turn (`plain`); auto: template when it has tools."""
+    tool_workers: int = 2
+    """With `tools`: worker processes that run tool calls in parallel; 0 runs them here (no time limit)."""
+    tool_timeout: float = 10.0
+    """With `tools`: seconds a call may run; past it its worker is killed and the model reads an error."""
+    max_tool_result_chars: int = 2000
+    """With `tools`: a result longer than this is cut (and says so) before it is tokenized."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,17 @@ class RewardSpec:
     @property
     def label(self) -> str:
         return self.name or self.fn.rsplit(":", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    fn: str = "calculator"
+    """A built-in tool (`calculator`, `python`), `path/to/file.py:func`, or `package.module:func`: a function
+    of keyword arguments returning text; its docstring's first paragraph and Args section describe it to the model."""
+    name: Optional[str] = None
+    """The name the model calls it by; defaults to the function name."""
+    kwargs: dict = field(default_factory=dict)
+    """Options bound to the function (not shown to the model), e.g. {timeout: 5} for `python`."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +372,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: tuple = (RewardSpec(fn="accuracy"),)
+    tools: tuple = ()
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -368,10 +391,12 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["rewards"] = [dataclasses.asdict(r) for r in self.rewards]
+        d["tools"] = [dataclasses.asdict(t) for t in self.tools]
         return d
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "rewards"}
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)
+                             if f.name not in ("rewards", "tools")}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -388,7 +413,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def describe() -> str:
     """Every section and field with its type, default and doc, for `grpo validate --doc`."""
     out = []
-    for section, cls in [*SECTIONS.items(), ("model.lora", LoraConfig), ("rewards[]", RewardSpec)]:
+    for section, cls in [*SECTIONS.items(), ("model.lora", LoraConfig), ("rewards[]", RewardSpec), ("tools[]", ToolSpec)]:
         out.append(f"{section}:")
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -603,6 +628,8 @@ def _build(raw: dict, problems: list[str]) -> Config:
     for key, value in raw.items():
         if key == "rewards":
             kwargs["rewards"] = _build_rewards(value, problems)
+        elif key == "tools":
+            kwargs["tools"] = _build_tools(value, problems)
         elif key in SECTIONS:
             if value is None:
                 continue
@@ -613,7 +640,7 @@ def _build(raw: dict, problems: list[str]) -> Config:
         elif key == "stages":
             problems.append("stages: this is a pipeline file; run it with `grpo pipeline FILE` (or `grpo distill FILE`)")
         else:
-            problems.append(_unknown(key, [*SECTIONS, "rewards"]))
+            problems.append(_unknown(key, [*SECTIONS, "rewards", "tools"]))
     return Config(**kwargs)  # built from the valid fields, so combinations are checked even beside other problems
 
 
@@ -635,6 +662,22 @@ def _build_rewards(value: Any, problems: list[str]) -> tuple:
     labels = [s.label for s in specs]
     for dup in sorted({x for x in labels if labels.count(x) > 1}):
         problems.append(f"rewards: two rules are logged as {dup!r}; give one a distinct `name:`")
+    return tuple(specs)
+
+
+def _build_tools(value: Any, problems: list[str]) -> tuple:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append("tools: expected a list such as `- {fn: calculator}`")
+        return ()
+    specs = []
+    for i, entry in enumerate(value):
+        entry = {"fn": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "fn" not in entry:
+            problems.append(f"tools[{i}]: expected a mapping like {{fn: calculator}} (a built-in tool or file.py:func)")
+            continue
+        specs.append(_build_section(f"tools[{i}]", ToolSpec, entry, problems))
     return tuple(specs)
 
 
@@ -804,6 +847,21 @@ def _check_combinations(cfg: Config) -> list[str]:
             resolve_rule(spec)
         except ValueError as err:
             p.append(f"rewards[{i}] ({spec.fn}): {err}")
+    if cfg.tools:
+        from grpo.tools.registry import resolve_tool
+
+        names = []
+        for i, spec in enumerate(cfg.tools):
+            try:
+                names.append(resolve_tool(spec).name)
+            except ValueError as err:
+                p.append(f"tools[{i}] ({spec.fn}): {err}")
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            p.append(f"tools: two tools are named {dup!r}; give one a distinct `name:`")
+        if r.engine != "builtin":
+            p.append("tools: multi-turn rollouts run in the built-in engine for now; set rollout.engine=builtin")
+        if r.max_turns < 1 or r.tool_workers < 0 or r.tool_timeout <= 0 or r.max_tool_result_chars < 1:
+            p.append("rollout: max_turns must be >= 1, tool_workers >= 0, tool_timeout > 0, max_tool_result_chars >= 1")
     if e.path is not None and cfg.rewards and e.reward not in [s.label for s in cfg.rewards]:
         p.append(f"eval.reward: {e.reward!r} is not one of the configured rewards {[s.label for s in cfg.rewards]}")
     if e.num_prompts < 1 or e.batch_size < 1:
@@ -829,7 +887,7 @@ def check_resume(saved: dict, cfg: Config, source: str) -> list[str]:
     problems, changes = [], []
     for section, fields in now.items():
         if not isinstance(fields, dict):
-            if saved.get(section) != fields:
+            if saved.get(section, [] if fields == [] else None) != fields:  # (checkpoints from before `tools`)
                 changes.append(f"{section}: {saved.get(section)!r} -> {fields!r}")
             continue
         for key, value in fields.items():

@@ -45,19 +45,27 @@ def load_rows(path: str, split: str = "train", max_samples: int | None = None) -
     return [dict(row) for row in dataset]
 
 
-def format_prompt(row: dict, cfg, tokenizer) -> str:
-    """The prompt text for one row under `cfg` (a DataConfig)."""
+def format_prompt(row: dict, cfg, tokenizer, tools=None) -> str:
+    """The prompt text for one row under `cfg` (a DataConfig). `tools` (grpo.tools.calls.ToolPrompt) lists
+    the model's tools: through the chat template (layout `template`), else as instructions in the system
+    message (or before the prompt, for the plain and r1_zero templates)."""
+    from grpo.tools.calls import plain_system_text
+
     user = cfg.prompt_format.format_map({**row, "question": row[cfg.prompt_column]})
-    if cfg.template == "r1_zero":
-        return R1_ZERO_TEMPLATE.format(question=user)
-    if cfg.template == "plain":
-        return user
-    messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else [])
+    instructions = plain_system_text(list(tools.schemas)) if tools is not None and tools.layout == "plain" else None
+    if cfg.template in ("r1_zero", "plain"):
+        text = R1_ZERO_TEMPLATE.format(question=user) if cfg.template == "r1_zero" else user
+        return text if instructions is None else f"{instructions}\n\n{text}"
+    system = cfg.system_prompt
+    if instructions is not None:
+        system = instructions if system is None else f"{system}\n\n{instructions}"
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
     messages.append({"role": "user", "content": user})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    extra = {"tools": list(tools.schemas)} if tools is not None and tools.layout == "template" else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
 
-def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[dict], dict[str, int]]:
+def build_examples(rows: list[dict], cfg, tokenizer, source: str, tools=None) -> tuple[list[dict], dict[str, int]]:
     """Checked, formatted examples from `rows` and counts of the rows dropped ("incomplete", "too_long").
 
     Every row needs a non-empty prompt and answer column; a missing one is an error naming the row, or the
@@ -78,7 +86,7 @@ def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[
         raise DataError(f"{source}: {len(bad)} rows lack a value: {shown}{' ...' if len(bad) > 5 else ''}. "
                         f"Columns present: {columns}; set data.prompt_column / data.answer_column or clean the file")
     examples, too_long = [], 0
-    prompts = [format_prompt(row, cfg, tokenizer) for row in rows]
+    prompts = [format_prompt(row, cfg, tokenizer, tools) for row in rows]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     for i, (row, prompt, length) in enumerate(zip(rows, prompts, lengths)):
         if length > cfg.max_prompt_length:
@@ -94,9 +102,10 @@ def build_examples(rows: list[dict], cfg, tokenizer, source: str) -> tuple[list[
     return examples, {"incomplete": len({i for i, _ in bad}) if cfg.drop_incomplete_rows else 0, "too_long": too_long}
 
 
-def load_examples(path: str, split: str, max_samples: int | None, cfg, tokenizer) -> tuple[list[dict], dict]:
-    """`build_examples` over the rows of `path` (the first max_samples of them)."""
-    return build_examples(load_rows(path, split, max_samples), cfg, tokenizer, path)
+def load_examples(path: str, split: str, max_samples: int | None, cfg, tokenizer,
+                  tools=None) -> tuple[list[dict], dict]:
+    """`build_examples` over the rows of `path` (the first max_samples of them); `tools`: a ToolPrompt."""
+    return build_examples(load_rows(path, split, max_samples), cfg, tokenizer, path, tools)
 
 
 class PromptSampler:

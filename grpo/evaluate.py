@@ -46,13 +46,13 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
         batch = examples[start:start + eval_cfg.batch_size]
         prompts = [e["prompt"] for e in batch]
         rollouts = engine.generate(prompts, Sampling.from_config(rollout_cfg, 1, greedy=True))
-        scores = scorer(rollouts.texts, batch, rollouts.completion_mask.sum(dim=1).tolist(), training=False)
+        scores = scorer(rollouts.texts, batch, rollouts.model_tokens.sum(dim=1).tolist(), training=False)
         errors += scores.errors[eval_cfg.reward]
         totals.append(scores.total)
         key_rule += scores.per_rule[eval_cfg.reward]
-        samples += [{"question": e.get("question", e["prompt"]), "answer": e["answer"], "completion": text,
-                     "score": value} for e, text, value in
-                    zip(batch, rollouts.texts, scores.per_rule[eval_cfg.reward])][:SAMPLES - len(samples)]
+        samples += [{"question": e.get("question", e["prompt"]), "answer": e["answer"], "completion": rollouts.shown(i),
+                     "score": value} for i, (e, value) in
+                    enumerate(zip(batch, scores.per_rule[eval_cfg.reward]))][:SAMPLES - len(samples)]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())
         if k > 0:
             sampled = engine.generate(prompts, Sampling.from_config(rollout_cfg, k))

@@ -20,6 +20,7 @@ from grpo.rollout import RolloutEngine, make_engine
 from grpo.scoring.probe import probe_report
 from grpo.scoring.rules import user_code_digest
 from grpo.scoring.scorer import Scorer
+from grpo.tools.calls import tool_prompt
 
 
 @dataclass
@@ -41,10 +42,13 @@ def start_run(cfg) -> Run:
     set_seed(cfg.train.seed)
     backend = make_backend(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    train_examples, dropped = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer)
+    tools = tool_prompt(cfg, tokenizer)
+    train_examples, dropped = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer,
+                                            tools)
     eval_examples = []
     if cfg.eval.path is not None:
-        eval_examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer)
+        eval_examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer,
+                                         tools)
     scorer = Scorer(cfg.rewards, cfg.scoring)
     try:
         if cfg.scoring.canary:

@@ -186,7 +186,7 @@ def _evaluate(run: Run, cfg: Config, tracker, step: int) -> tuple[float, list[di
 def _group_sample(rollouts, scores, batch) -> list[dict]:
     """The first group of the step, one record per completion, for completions.jsonl."""
     lengths = rollouts.completion_mask.sum(dim=1).tolist()
-    return [{"prompt": rollouts.prompts[0], "completion": rollouts.texts[i], "length": lengths[i],
+    return [{"prompt": rollouts.prompts[0], "completion": rollouts.shown(i), "length": lengths[i],
              "reward": batch.rewards[i].item(), "advantage": batch.advantages[i].item(),
              "rewards": {k: v[i] for k, v in scores.per_rule.items()}}
             for i in range(min(batch.group_size, len(rollouts.texts)))]

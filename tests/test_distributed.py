@@ -70,10 +70,15 @@ VARIANTS = ["algorithm.epsilon_high=5.0", "algorithm.baseline=rloo", "algorithm.
             "algorithm.kl_is_correction=true", "algorithm.num_iterations=2"]
 
 
-@pytest.mark.parametrize("loss_type,extra", [("grpo", []), ("dapo", []), ("cispo", VARIANTS)],
-                         ids=["grpo", "dapo", "cispo-and-variants"])
+TOOLS = ["tools=[calculator, {fn: python, kwargs: {timeout: 2}}]", "rollout.tool_workers=1", "rollout.max_turns=2",
+         "data.max_prompt_length=2000"]
+
+
+@pytest.mark.parametrize("loss_type,extra", [("grpo", []), ("dapo", []), ("cispo", VARIANTS), ("grpo", TOOLS)],
+                         ids=["grpo", "dapo", "cispo-and-variants", "tools"])
 def test_two_processes_match_one(tiny_model_dir, rules, tmp_path, loss_type, extra):
-    """cispo-and-variants: the entropy quantile and the centred-batch std are taken over both processes' batch."""
+    """cispo-and-variants: the entropy quantile and the centred-batch std are taken over both processes' batch.
+    tools: each process runs its own tool workers; the tools/* counts are summed over processes."""
     one = args_for(tiny_model_dir, rules, tmp_path / "one", loss_type) + extra
     train(load_config(one[0], one[1:]))
     printed = torchrun(args_for(tiny_model_dir, rules, tmp_path / "two", loss_type) + extra)

@@ -42,7 +42,7 @@ class TrainBatch:
 def shape_rewards(rewards: torch.Tensor, rollouts, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [N] after the overlong penalty, and the completion mask [N, T] the loss uses (truncated rows
     masked), as algorithm.truncated_completions says."""
-    a, loss_mask = cfg.algorithm, rollouts.completion_mask
+    a, loss_mask = cfg.algorithm, rollouts.model_tokens  # tool results are context, never trained on
     if a.truncated_completions == "penalize":
         lengths = rollouts.completion_mask.sum(dim=1).cpu()
         rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_completion_length, a.overlong_buffer,

@@ -36,7 +36,7 @@ def collect(engine, model, sampler, scorer, hooks, backend, cfg, step: int, time
             rollouts = engine.generate([e["prompt"] for e in batch], sampling)
         with timer("rewards"):
             scores = scorer(rollouts.texts, [e for e in batch for _ in range(G)],
-                            rollouts.completion_mask.sum(dim=1).tolist())
+                            rollouts.model_tokens.sum(dim=1).tolist())
         if dynamic:
             groups = informative_groups(scores.total, G)
             dropped += needed - groups.numel()
@@ -58,7 +58,24 @@ def rollout_metrics(rollouts, scores: Scores, backend) -> dict[str, float]:
     """Reward, per-rule and length metrics over every process's completions."""
     lengths = backend.gather(rollouts.completion_mask.sum(dim=1).float())
     return {**gather_scores(scores, backend).metrics(), "completion_length": lengths.mean().item(),
-            "truncated_ratio": backend.gather(rollouts.truncated.float()).mean().item()}
+            "truncated_ratio": backend.gather(rollouts.truncated.float()).mean().item(),
+            **tool_metrics(rollouts.tool_counts, backend)}
+
+
+def tool_metrics(counts: dict[str, float] | None, backend) -> dict[str, float]:
+    """tools/calls_per_completion, tools/turns (mean turns per completion), tools/result_tokens_fraction (tool
+    result tokens / completion tokens) and tools/<name>/calls, tools/<name>/errors, summed over processes.
+    Collective when `counts` is given (every process has tools or none has)."""
+    if counts is None:
+        return {}
+    keys = sorted(counts)
+    total = dict(zip(keys, backend.sum_tensor(torch.tensor([counts[k] for k in keys])).tolist()))
+    calls = sum(v for k, v in total.items() if k.endswith("/calls"))
+    out = {k: v for k, v in total.items() if not k.startswith("tools/_")}
+    out.update({"tools/calls_per_completion": calls / max(total["tools/_completions"], 1.0),
+                "tools/turns": total["tools/_turns"] / max(total["tools/_completions"], 1.0),
+                "tools/result_tokens_fraction": total["tools/_result_tokens"] / max(total["tools/_tokens"], 1.0)})
+    return out
 
 
 def gather_scores(scores: Scores, backend) -> Scores:

@@ -157,6 +157,12 @@ class Backend:
             return value
         return self.accelerator.reduce(value.to(self.device), "mean")
 
+    def sum_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over processes of a tensor of the same shape on every process, on the CPU."""
+        if self.num_processes == 1:
+            return value
+        return self.accelerator.reduce(value.to(self.device), "sum").cpu()
+
     def sum(self, value: torch.Tensor) -> float:
         """The sum over processes of a 0-dim tensor, as a float."""
         if self.num_processes == 1:

@@ -174,10 +174,12 @@ def _probe(config: str, overrides: list[str]) -> int:
     from grpo.modeling.loading import load_tokenizer
     from grpo.scoring.probe import probe_report
     from grpo.scoring.scorer import Scorer
+    from grpo.tools.calls import tool_prompt
 
     cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(cfg.model)
-    examples, _ = load_examples(cfg.data.path, cfg.data.split, max(cfg.scoring.probe_rows, 1), cfg.data, tokenizer)
+    examples, _ = load_examples(cfg.data.path, cfg.data.split, max(cfg.scoring.probe_rows, 1), cfg.data, tokenizer,
+                                tool_prompt(cfg, tokenizer))
     scorer = Scorer(cfg.rewards, cfg.scoring)
     try:
         report, flagged = probe_report(scorer, examples, tokenizer, cfg.data.path)

@@ -8,6 +8,7 @@ from grpo.data import load_examples
 from grpo.evaluate import Evaluation, evaluate
 from grpo.modeling.loading import load_tokenizer
 from grpo.rollout import make_engine
+from grpo.tools.calls import tool_prompt
 from grpo.scoring.scorer import Scorer
 
 
@@ -18,7 +19,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None) -> Evaluation:
     model_cfg = model_config_for(cfg.model, checkpoint)
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(model_cfg)
-    examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer)
+    examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer,
+                                tool_prompt(cfg, tokenizer))
     model = load_inference_model(model_cfg, cfg.train, accelerator.device)
     engine = make_engine(cfg, model, tokenizer, accelerator.autocast)
     scorer = Scorer(cfg.rewards, cfg.scoring)

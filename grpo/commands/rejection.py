@@ -16,6 +16,7 @@ from grpo.backend import load_inference_model
 from grpo.backend.accelerator import make_accelerator, model_config_for
 from grpo.modeling.loading import load_tokenizer
 from grpo.rollout import Sampling, make_engine
+from grpo.tools.calls import tool_prompt
 from grpo.scoring.scorer import Scorer
 
 
@@ -48,7 +49,8 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
     set_seed(cfg.train.seed)
     accelerator = make_accelerator(cfg.train)
     tokenizer = load_tokenizer(model_cfg)
-    examples, _ = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer)
+    examples, _ = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer,
+                                tool_prompt(cfg, tokenizer))
     engine = make_engine(cfg, load_inference_model(model_cfg, cfg.train, accelerator.device), tokenizer,
                          accelerator.autocast)
     out = Path(cfg.train.output_dir) / g.output

@@ -8,6 +8,7 @@ so accumulation gives the gradient of one pass over the batch.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -20,22 +21,31 @@ from grpo.data import DataError, PromptSampler, build_examples, load_rows
 from grpo.modeling.loading import load_model, load_tokenizer
 from grpo.backend.accelerator import make_accelerator, make_optimizer, make_scheduler
 from grpo.io.tracking import Tracker, truncate_metrics
+from grpo.tools.calls import tool_prompt
 
 IGNORE = -100
+TOOL_RESULT = re.compile(r"(\n<tool_response>\n.*?\n</tool_response>\n)", re.DOTALL)  # as grpo.tools.calls writes them
 
 
 def sft_features(prompt: str, response: str, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one example: labels are IGNORE on prompt tokens, the token ids on response
     tokens and on the EOS appended after them. Over-long examples lose the end of the response.
 
+    A response holding tool results in the plain layout (`<tool_response>...</tool_response>` blocks, docs/tools.md)
+    is tokenized piece by piece, as a multi-turn rollout builds it (model text, result, model text, ...), and
+    the results' labels are IGNORE: they are context, as in GRPO.
+
     Example (one token per character): prompt "ab", response "c", EOS id 0 -> ids [a, b, c, 0],
     labels [-100, -100, c, 0].
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
-    return ids, labels
+    ids, labels = list(prompt_ids), [IGNORE] * len(prompt_ids)
+    for k, piece in enumerate(TOOL_RESULT.split(response)):  # odd pieces are tool results
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        ids += piece_ids
+        labels += [IGNORE] * len(piece_ids) if k % 2 else piece_ids
+    ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    return ids[:max_length], labels[:max_length]
 
 
 def collate(features: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,7 +121,7 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
     if missing:
         raise DataError(f"{cfg.data.path}: {len(missing)} rows have no {cfg.sft.response_column!r} (first: row "
                         f"{missing[0]}); set sft.response_column to the column with the target responses")
-    examples, _ = build_examples(rows, cfg.data, tokenizer, cfg.data.path)
+    examples, _ = build_examples(rows, cfg.data, tokenizer, cfg.data.path, tool_prompt(cfg, tokenizer))
     model = load_model(cfg.model, accelerator.device)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)

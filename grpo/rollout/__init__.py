@@ -2,14 +2,15 @@
 
 from grpo.rollout.base import (Rollouts, RolloutEngine, Sampling, completion_mask, completion_seed,  # noqa: F401
                                concat_rollouts, eos_token_ids)
-from grpo.rollout.builtin import BuiltinEngine, generate, sample_tokens  # noqa: F401
+from grpo.rollout.builtin import BuiltinEngine, ToolUse, generate, sample_tokens  # noqa: F401
 
 
 def make_engine(cfg, model, tokenizer, autocast) -> RolloutEngine:
     """The engine cfg.rollout.engine names, sampling from `model` (a causal LM with whole weights)."""
     if cfg.rollout.engine == "builtin":
         lora = cfg.model.lora
-        return BuiltinEngine(tokenizer, autocast, model, merge_adapters=lora is not None and lora.merged_generation)
+        return BuiltinEngine(tokenizer, autocast, model, merge_adapters=lora is not None and lora.merged_generation,
+                             tools=ToolUse.from_config(cfg, tokenizer) if cfg.tools else None)
     from grpo.rollout.vllm import VLLMEngine
 
     from grpo.backend.accelerator import resolved_precision

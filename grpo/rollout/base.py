@@ -49,13 +49,29 @@ class Rollouts:
     decode_rows: list | None = None  # per decoding forward t: the rows [n_t] whose completion token t it fed
     routes: dict | None = None  # mixture-of-experts: router name -> experts chosen while decoding [N, T, k], -1 unfed
     logprobs: torch.Tensor | None = None  # [N, T] the sampler's log-probs of the completion tokens, when it reports them
+    # multi-turn rollouts with tools (grpo.rollout.multiturn):
+    sampled_mask: torch.Tensor | None = None  # [N, T] 1 on tokens the model sampled (None: all of the completion)
+    transcripts: list[str] | None = None  # N whole completions, tool results included (texts: the model's own)
+    tool_counts: dict[str, float] | None = None  # sums behind the tools/* metrics, over the whole batch
 
     def select(self, rows: torch.Tensor) -> "Rollouts":
-        """The rollouts at `rows` (a [K] index tensor), in that order."""
+        """The rollouts at `rows` (a [K] index tensor), in that order (tool counts stay the batch's)."""
         idx = rows.tolist()
         return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                         self.completion_mask[rows], self.truncated[rows], [self.texts[i] for i in idx],
-                        [self.prompts[i] for i in idx], logprobs=None if self.logprobs is None else self.logprobs[rows])
+                        [self.prompts[i] for i in idx], logprobs=None if self.logprobs is None else self.logprobs[rows],
+                        sampled_mask=None if self.sampled_mask is None else self.sampled_mask[rows],
+                        transcripts=None if self.transcripts is None else [self.transcripts[i] for i in idx],
+                        tool_counts=self.tool_counts)
+
+    @property
+    def model_tokens(self) -> torch.Tensor:
+        """[N, T] 1 on the completion's tokens that the model sampled (all of them without tools)."""
+        return self.completion_mask if self.sampled_mask is None else self.completion_mask * self.sampled_mask
+
+    def shown(self, i: int) -> str:
+        """Completion i as logs show it: with its tool results when it has them."""
+        return self.texts[i] if self.transcripts is None else self.transcripts[i]
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
@@ -80,6 +96,11 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         prompts=[p for r in parts for p in r.prompts],
         logprobs=(torch.cat([pad(r.logprobs, T, 0, False) for r in parts])
                   if all(r.logprobs is not None for r in parts) else None),
+        sampled_mask=(torch.cat([pad(r.sampled_mask, T, 0, False) for r in parts])
+                      if all(r.sampled_mask is not None for r in parts) else None),
+        transcripts=[t for r in parts for t in r.transcripts] if all(r.transcripts for r in parts) else None,
+        tool_counts=({k: sum(r.tool_counts.get(k, 0.0) for r in parts) for r in parts for k in r.tool_counts}
+                     if all(r.tool_counts is not None for r in parts) else None),
     )
 
 

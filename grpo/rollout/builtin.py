@@ -14,6 +14,7 @@ interface (grpo.rollout.base.RolloutEngine).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -171,6 +172,25 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
     )
 
 
+@dataclass
+class ToolUse:
+    """Multi-turn rollouts with tools (grpo.rollout.multiturn): who runs the calls, how they are written, how
+    many turns a completion may take."""
+
+    runner: object  # grpo.tools.runner.ToolRunner
+    layout: str  # template | plain (grpo.tools.calls)
+    max_turns: int
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> "ToolUse":
+        from grpo.tools.calls import resolve_layout
+        from grpo.tools.runner import ToolRunner
+
+        r = cfg.rollout
+        return cls(ToolRunner(cfg.tools, r.tool_workers, r.tool_timeout, r.max_tool_result_chars),
+                   resolve_layout(r.tool_format, tokenizer), r.max_turns)
+
+
 class BuiltinEngine:
     """The RolloutEngine that decodes with the policy itself (`generate`): sync_weights only points it at the
     model, which shares the policy's memory (or is the whole-weight copy a sharded backend gathered).
@@ -180,19 +200,28 @@ class BuiltinEngine:
     startup_seconds = 0.0
 
     def __init__(self, tokenizer, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 model=None, merge_adapters: bool = False):
+                 model=None, merge_adapters: bool = False, tools: ToolUse | None = None):
         self.tokenizer, self.autocast, self.model, self.merge_adapters = tokenizer, autocast, model, merge_adapters
+        self.tools = tools
 
     def sync_weights(self, model) -> None:
         self.model = model
 
     def close(self) -> None:
         self.model = None
+        if self.tools is not None:
+            self.tools.runner.close()
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Rollouts:
         if self.model is None:
             raise RuntimeError("BuiltinEngine.generate before sync_weights: the engine has no model yet")
+        seeds = None if sampling.seeds is None else list(sampling.seeds)
         with merged_weights(self.model) if self.merge_adapters else contextlib.nullcontext():
+            if self.tools is not None:
+                from grpo.rollout.multiturn import generate_with_tools
+
+                return generate_with_tools(self.model, self.tokenizer, prompts, sampling.n, sampling, self.tools.runner,
+                                           self.tools.layout, self.tools.max_turns, greedy=sampling.greedy,
+                                           autocast=self.autocast, seeds=seeds, logprobs=sampling.logprobs)
             return generate(self.model, self.tokenizer, prompts, sampling.n, sampling, greedy=sampling.greedy,
-                            autocast=self.autocast, seeds=None if sampling.seeds is None else list(sampling.seeds),
-                            logprobs=sampling.logprobs)
+                            autocast=self.autocast, seeds=seeds, logprobs=sampling.logprobs)

@@ -1,4 +1,4 @@
-"""Worker processes that run reward rules with a wall-clock limit per task.
+"""Worker processes that run reward rules (or tools) with a wall-clock limit per task.
 
 A rule that hangs (math-verify has inputs that never return) is killed when its task passes the time limit,
 the task counts as an error, and a fresh worker takes the killed one's place. The limit counts from the moment
@@ -6,7 +6,9 @@ a worker starts the task, never from when it was queued: a worker first imports 
 canary samples (warm), says it is ready, and only then takes work, so a worker's start-up (about a second, more
 on a loaded machine) is never charged to a sample. Workers run rules in their
 main thread, so math-verify's signal-based timeouts work there. Workers are daemons and also exit when the
-parent's end of their pipe closes, so none outlive the run. Knows nothing of tensors.
+parent's end of their pipe closes, so none outlive the run. What a worker runs is whatever `resolve` (a
+module-level function, default `resolve_rule`) makes of each spec: an object with `fn`, `batched` and `canary`
+(a Rule; grpo.tools.registry resolves tools to the same shape). Knows nothing of tensors.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def run_task(rule, completions: list[str], examples: list[dict]) -> list[Outcome
     return outcomes
 
 
-def _worker(conn, specs) -> None:
+def _worker(conn, specs, resolve) -> None:
     from grpo.scoring.rules import canary_samples, resolve_rule
 
-    rules = [resolve_rule(s) for s in specs]
+    rules = [(resolve or resolve_rule)(s) for s in specs]
     for rule in rules:  # warm: imports and first-call caches (math-verify, sympy) before any timed task
         if rule.canary is not None:
             samples = canary_samples(rule)
@@ -60,12 +62,12 @@ def _worker(conn, specs) -> None:
         conn.send(("done", task_id, run_task(rules[rule_index], completions, examples)))
 
 
-class RewardPool:
-    """`workers` processes scoring tasks in parallel; `run(tasks)` returns each task's outcomes in order.
+class WorkerPool:
+    """`workers` processes running tasks in parallel; `run(tasks)` returns each task's outcomes in order.
     The constructor returns once every worker is warm (`startup_limit` seconds at most)."""
 
-    def __init__(self, specs, workers: int, timeout: float, startup_limit: float = 120.0):
-        self.specs, self.timeout, self.startup_limit = list(specs), timeout, startup_limit
+    def __init__(self, specs, workers: int, timeout: float, startup_limit: float = 120.0, resolve=None):
+        self.specs, self.timeout, self.startup_limit, self.resolve = list(specs), timeout, startup_limit, resolve
         self._ctx = mp.get_context("spawn")  # no fork of a process holding torch threads
         self._workers = [self._start() for _ in range(workers)]
         self._ready: set[int] = set()
@@ -81,7 +83,7 @@ class RewardPool:
 
     def _start(self):
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker, args=(child, self.specs), daemon=True)
+        process = self._ctx.Process(target=_worker, args=(child, self.specs, self.resolve), daemon=True)
         process.start()
         child.close()
         return process, parent

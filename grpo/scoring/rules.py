@@ -54,13 +54,16 @@ def resolve_rule(spec) -> Rule:
                 batched=getattr(fn, "reward_batched", False), canary=getattr(fn, "reward_canary", None), ref=spec.fn)
 
 
-def load_function(ref: str) -> Callable:
+def load_function(ref: str, builtins: dict[str, Callable] | None = None, kind: str = "rule") -> Callable:
+    """The function `ref` names: a key of `builtins` (default: the built-in reward rules), `file.py:func` or
+    `package.module:func`. Raises ValueError saying what is wrong (`kind` names what was asked for)."""
+    builtins = rewards.BUILTINS if builtins is None else builtins
     if ":" not in ref:
-        if ref in rewards.BUILTINS:
-            return rewards.BUILTINS[ref]
-        near = difflib.get_close_matches(ref, rewards.BUILTINS, n=1)
+        if ref in builtins:
+            return builtins[ref]
+        near = difflib.get_close_matches(ref, builtins, n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"no built-in rule named {ref!r}.{hint} Built-ins: {', '.join(sorted(rewards.BUILTINS))}; "
+        raise ValueError(f"no built-in {kind} named {ref!r}.{hint} Built-ins: {', '.join(sorted(builtins))}; "
                          "user code is named file.py:func or package.module:func")
     where, _, name = ref.rpartition(":")
     if where.endswith(".py"):

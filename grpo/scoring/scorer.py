@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from grpo.scoring.pool import RewardPool, run_task
+from grpo.scoring.pool import WorkerPool, run_task
 from grpo.scoring.rules import Rule, canary_samples, resolve_rule
 
 
@@ -67,7 +67,7 @@ class Scorer:
     def __init__(self, specs, cfg):
         self.rules: list[Rule] = [resolve_rule(s) for s in specs]
         self.cfg = cfg
-        self.pool = RewardPool(specs, cfg.workers, cfg.timeout) if cfg.workers > 0 else None
+        self.pool = WorkerPool(specs, cfg.workers, cfg.timeout) if cfg.workers > 0 else None
         self._first_traceback: dict[str, str] = {}
         self._history: deque = deque(maxlen=cfg.error_window)  # per step: {label: (errors, samples)}
 
