@@ -238,3 +238,41 @@ def test_sft_on_tool_traces_tokenizes_like_a_rollout_and_does_not_train_on_resul
     assert sft_features("p", "plain answer", tok, 1000) == (
         tok("p", add_special_tokens=False)["input_ids"] + tok("plain answer", add_special_tokens=False)["input_ids"] + [0],
         [IGNORE] + tok("plain answer", add_special_tokens=False)["input_ids"] + [0])
+
+
+def test_the_cold_start_traces_are_what_a_rollout_with_the_calculator_writes():
+    import importlib.util
+
+    from conftest import ROOT
+    from rewards.math import accuracy
+
+    spec = importlib.util.spec_from_file_location("make_tool_traces", ROOT / "scripts/make_tool_traces.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.trace(347, 28)
+    call_end = text.index("</tool_call>") + len("</tool_call>")
+    call = parse_calls(text[:call_end])[0]
+    assert resolve_tool(ToolSpec(fn="calculator")).fn(call.arguments) == ("ok", "9716")
+    assert text[call_end:].startswith(result_text(["9716"], "plain", None))
+    own = text[:call_end] + text[call_end + len(result_text(["9716"], "plain", None)):]  # what rules score
+    assert accuracy(own, {"answer": "9716"}) == 1.0 and accuracy(own, {"answer": "9715"}) == 0.0
+    rows = [json.loads(line) for line in (ROOT / "data/tools_multiply/sft.jsonl").read_text().splitlines()]
+    assert all(r["response"] == module.trace(*map(int, r["question"][8:-1].split(" * "))) for r in rows)
+
+
+def test_the_tools_pipeline_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from grpo.commands.cli import main
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    assert main(["pipeline", "configs/pipelines/tools_multiply.yaml", f"model.name_or_path={tiny_model_dir}",
+                 f"train.output_dir={out}", "data.max_prompt_length=2000", "rollout.num_generations=2",
+                 "rollout.max_completion_length=8", "rollout.tool_workers=0", "train.prompts_per_step=4",
+                 "train.micro_batch_size=4", "train.mixed_precision=fp32", "eval.num_prompts=4", "eval.batch_size=4",
+                 "scoring.workers=0", "logging.wandb=disabled"]) == 0
+    for stage in ("base_eval", "cold_start", "cold_start_eval", "rl", "no_tool_eval"):
+        assert (out / stage / "DONE").is_file(), stage
+    rl = [json.loads(line) for line in (out / "rl/metrics.jsonl").read_text().splitlines()]
+    assert any("tools/calls_per_completion" in r for r in rl)
