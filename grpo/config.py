@@ -860,6 +860,8 @@ def _check_combinations(cfg: Config) -> list[str]:
             p.append(f"tools: two tools are named {dup!r}; give one a distinct `name:`")
         if r.engine != "builtin":
             p.append("tools: multi-turn rollouts run in the built-in engine for now; set rollout.engine=builtin")
+        if cfg.moe.routing_replay:
+            p.append("tools: moe.routing_replay does not follow multi-turn rollouts yet; set moe.routing_replay=false")
         if r.max_turns < 1 or r.tool_workers < 0 or r.tool_timeout <= 0 or r.max_tool_result_chars < 1:
             p.append("rollout: max_turns must be >= 1, tool_workers >= 0, tool_timeout > 0, max_tool_result_chars >= 1")
     if e.path is not None and cfg.rewards and e.reward not in [s.label for s in cfg.rewards]:

@@ -196,6 +196,8 @@ def test_tools_are_checked_when_the_config_loads(tmp_path):
         load_config(None, ["tools=[calc]"])
     with pytest.raises(ConfigError, match="built-in engine"):
         load_config(None, ["tools=[calculator]", "rollout.engine=vllm"])
+    with pytest.raises(ConfigError, match="routing_replay"):
+        load_config(None, ["tools=[calculator]", "moe.routing_replay=true"])
     with pytest.raises(ConfigError, match="named 'calculator'"):
         load_config(None, ["tools=[calculator, calculator]"])
     assert json.loads(json.dumps(cfg.to_dict()))["tools"][0]["fn"] == "calculator"

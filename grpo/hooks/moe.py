@@ -187,6 +187,8 @@ class MoEHook(StepHook):
             yield
 
     def after_rollout(self, model, rollouts) -> dict[str, float]:
+        if rollouts.decode_rows is None:  # multi-turn rollouts with tools do not record which rows each call fed
+            return {}
         N, T = rollouts.completion_ids.shape
         rollouts.routes = {name: decode_routes(calls, rollouts.decode_rows, N, T, calls[0][0].shape[-1])
                            for name, calls in self._decoding.calls().items()}
