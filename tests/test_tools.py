@@ -278,3 +278,28 @@ def test_the_tools_pipeline_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_
         assert (out / stage / "DONE").is_file(), stage
     rl = [json.loads(line) for line in (out / "rl/metrics.jsonl").read_text().splitlines()]
     assert any("tools/calls_per_completion" in r for r in rl)
+
+
+HERMES = ("{%- if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+          "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+          "</tool_response><|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_with_tools_lists_them_and_renders_results_as_tool_messages():
+    from grpo.config import DataConfig
+    from grpo.data import format_prompt
+    from grpo.tools.calls import ToolPrompt, resolve_layout
+
+    plain, hermes = make_tokenizer(), make_tokenizer()
+    hermes.chat_template = HERMES
+    assert resolve_layout("auto", plain) == "plain" and resolve_layout("auto", hermes) == "template"
+    assert result_text(["42", "7"], "template", hermes) == (
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n7\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    schema = resolve_tool(ToolSpec(fn="calculator")).schema
+    cfg = DataConfig(prompt_format="{question}")
+    prompt = format_prompt({"question": "What is 6*7?"}, cfg, hermes, ToolPrompt((schema,), "template"))
+    assert prompt.startswith("<|im_start|>system\nTools: [") and '"calculator"' in prompt
+    prompt = format_prompt({"question": "What is 6*7?"}, cfg, plain, ToolPrompt((schema,), "plain"))
+    assert prompt.startswith("<|im_start|>system\nYou can use tools.") and "<tool_call>" in prompt
