@@ -303,3 +303,27 @@ def test_a_template_with_tools_lists_them_and_renders_results_as_tool_messages()
     assert prompt.startswith("<|im_start|>system\nTools: [") and '"calculator"' in prompt
     prompt = format_prompt({"question": "What is 6*7?"}, cfg, plain, ToolPrompt((schema,), "plain"))
     assert prompt.startswith("<|im_start|>system\nYou can use tools.") and "<tool_call>" in prompt
+
+
+def test_a_run_with_tools_resumes_bit_identically(tiny_model_dir, length_rule, tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import ROOT
+
+    from grpo.trainer import train
+
+    def run(out, steps, resume=False):
+        cfg = load_config(str(ROOT / "configs/quickstart.yaml"), [
+            f"model.name_or_path={tiny_model_dir}", f"data.path={ROOT / 'data/arithmetic/train.jsonl'}",
+            "data.max_samples=16", "data.max_prompt_length=2000", "eval.path=null",
+            f"rewards=[{{fn: '{length_rule}:length_reward'}}]", "tools=[calculator]", "rollout.tool_workers=0",
+            "rollout.num_generations=4", "rollout.max_completion_length=8", "train.prompts_per_step=2",
+            "train.micro_batch_size=4", f"train.max_steps={steps}", "train.save_every=1", "optim.lr=1e-2",
+            "logging.wandb=disabled", "train.mixed_precision=fp32", "scoring.workers=0", f"train.output_dir={out}"])
+        train(cfg, resume=resume)
+        return load_file(out / "final/model.safetensors")
+
+    whole = run(tmp_path / "whole", 3)
+    run(tmp_path / "parts", 1)
+    resumed = run(tmp_path / "parts", 3, resume=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
