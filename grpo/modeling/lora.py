@@ -81,9 +81,7 @@ def merged_weights(model):
         for layer in layers:
             weight = layer.get_base_layer().weight
             saved.append(weight.detach().clone())
-            delta = layer.lora_B[ADAPTER].weight.float() @ layer.lora_A[ADAPTER].weight.float()
-            delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
-            weight.copy_((weight.float() + delta * layer.scaling[ADAPTER]).to(weight.dtype))
+            weight.copy_(_merged(layer, weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight))
             layer._disable_adapters = True
     try:
         yield model
@@ -168,11 +166,16 @@ def merged_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> di
         for name, module in model.named_modules():
             if module not in layers or getattr(module, "merged", False):
                 continue
-            delta = (state[f"{name}.lora_B.{ADAPTER}.weight"].float() @ state[f"{name}.lora_A.{ADAPTER}.weight"].float())
-            delta = delta.T if getattr(module, "fan_in_fan_out", False) else delta
-            weight = merged[f"{name}.weight"]
-            merged[f"{name}.weight"] = (weight.float() + delta * module.scaling[ADAPTER]).to(weight.dtype)
+            merged[f"{name}.weight"] = _merged(module, merged[f"{name}.weight"], state[f"{name}.lora_A.{ADAPTER}.weight"],
+                                               state[f"{name}.lora_B.{ADAPTER}.weight"])
     return merged
+
+
+def _merged(layer, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """W + (alpha / r) * B A for one adapted `layer` (computed in fp32, returned in W's dtype)."""
+    delta = lora_b.float() @ lora_a.float()
+    delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+    return (weight.float() + delta * layer.scaling[ADAPTER]).to(weight.dtype)
 
 
 class BaseModelLogprobs:

@@ -76,6 +76,7 @@ def generate_with_tools(model, tokenizer, prompts: list[str], num_generations: i
     sampled: list[list[int]] = [[] for _ in range(N)]
     lps: list[list[float]] = [[] for _ in range(N)]
     turn_start, turns = [0] * N, [1] * N
+    turn_text: dict[int, str] = {}  # a waiting row's turn, decoded when its call ended
     status, truncated = [GENERATING] * N, [False] * N
     generators = None if seeds is None else [torch.Generator(device).manual_seed(s) for s in seeds]
     was_training = model.training
@@ -112,8 +113,9 @@ def generate_with_tools(model, tokenizer, prompts: list[str], num_generations: i
                     lps[i].append(chosen_lp[k] if logprobs else 0.0)
                     if ends[k]:
                         status[i] = DONE
-                    elif closes[k] and ends_with_call(tokenizer.decode(tokens[i][turn_start[i]:])):
+                    elif closes[k] and ends_with_call(text := tokenizer.decode(tokens[i][turn_start[i]:])):
                         status[i] = WAITING if turns[i] < max_turns else DONE
+                        turn_text[i] = text
                     elif len(tokens[i]) >= L:
                         status[i], truncated[i] = DONE, True
                 if all(status[active[b]] == DONE for b in going):
@@ -131,7 +133,7 @@ def generate_with_tools(model, tokenizer, prompts: list[str], num_generations: i
             waiting = [b for b, i in enumerate(active) if status[i] == WAITING]
             if not waiting:
                 break
-            calls = [parse_calls(tokenizer.decode(tokens[active[b]][turn_start[active[b]]:])) for b in waiting]
+            calls = [parse_calls(turn_text[active[b]]) for b in waiting]
             flat = runner.run([c for row_calls in calls for c in row_calls])
             results, start = [], 0
             for row_calls in calls:
