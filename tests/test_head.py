@@ -120,3 +120,35 @@ def test_log_probs_and_gradients_do_not_depend_on_computing_the_entropy():
         results.append((logp.detach(), hidden.grad.clone(), entropy.numel()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert (results[0][2], results[1][2]) == (70, 0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_prompt_gradients_repeat_exactly_on_several_threads(monkeypatch, fused):
+    # One long prompt feeds 4 completions: the prompt's KV cache and last hidden state are repeated to the 4
+    # rows. Backward through advanced indexing (index_put_ with accumulate) adds with atomics across threads
+    # on CPU once the tensor is large, so the prompt's gradient changed from run to run; index_select does not.
+    from conftest import make_model
+
+    from grpo.modeling.logprobs import shared_prefix_logprobs
+
+    model = make_model(100, seed=3)
+    model.config.max_position_embeddings = 1024
+    if not fused:
+        monkeypatch.setattr(grpo.modeling.logprobs, "PLAIN_HEAD_MODELS", frozenset())
+    torch.manual_seed(0)
+    prompt = torch.randint(2, 100, (1, 700))  # 4 rows x 2 KV heads x 700 x 8 > 32768 elements (one parallel grain)
+    completions = torch.randint(2, 100, (4, 6))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            model.zero_grad(set_to_none=True)
+            lp = shared_prefix_logprobs(model, prompt, torch.ones_like(prompt), completions,
+                                        torch.ones_like(completions), torch.zeros(4, dtype=torch.long),
+                                        fused_head=fused)
+            lp.sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(grads[0], g))

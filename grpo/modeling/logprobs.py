@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from grpo.modeling.head import head_logprobs
 
@@ -105,12 +106,12 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     cache_kwarg = cache_arg(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                 use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[:, -1][prompt_index].unsqueeze(1)  # [n, 1, V]: predicts completion token 0
+    first_logits = out.logits[:, -1].index_select(0, prompt_index).unsqueeze(1)  # [n, 1, V]: predicts token 0
     T = completion_ids.shape[1]
     if T == 1:
         return token_logprobs(first_logits, completion_ids, temperature, entropy)
     cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_select_indices(prompt_index)
+    repeat_cache_rows(cache, prompt_index)
     prompt_lengths = prompt_mask.sum(dim=1)[prompt_index]  # [n]
     positions = prompt_lengths.unsqueeze(1) + torch.arange(T - 1, device=completion_ids.device)  # [n, T - 1]
     rest = model(input_ids=completion_ids[:, :-1],
@@ -118,6 +119,20 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
                  position_ids=positions, use_cache=True, **{cache_kwarg: cache})
     logits = torch.cat([first_logits, rest.logits], dim=1)  # [n, T, V]
     return token_logprobs(logits, completion_ids, temperature, entropy)
+
+
+def repeat_cache_rows(cache, index: torch.Tensor) -> None:
+    """Row i of every cache layer becomes the old row index[i] (a prompt's KV repeated to its completions),
+    by index_select. Transformers' batch_select_indices indexes (`keys[index]`), whose backward (index_put_
+    with accumulate) adds rows in parallel with atomics on a multi-threaded CPU, so a prompt feeding several
+    completions got a gradient that changed in its last bits from run to run; index_select's backward
+    (index_add_) adds in a fixed order. Layers of other kinds keep their own batch_select_indices."""
+    for layer in getattr(cache, "layers", None) or [cache]:
+        plain = type(layer).batch_select_indices is DynamicLayer.batch_select_indices
+        if plain and getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        else:
+            layer.batch_select_indices(index)
 
 
 def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask, completion_ids, completion_mask,
@@ -129,10 +144,10 @@ def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask
     embeds = embed(torch.cat([prompt_ids.reshape(-1), completion_ids[:, :-1].reshape(-1)]))
     out = decoder(inputs_embeds=embeds[:U * P].view(U, P, -1), attention_mask=prompt_mask,
                   position_ids=position_ids_from_mask(prompt_mask), use_cache=True)
-    hidden = out.last_hidden_state[:, -1][prompt_index].unsqueeze(1)  # [n, 1, H]: predicts completion token 0
+    hidden = out.last_hidden_state[:, -1].index_select(0, prompt_index).unsqueeze(1)  # [n, 1, H]: predicts token 0
     if T > 1:
         cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_select_indices(prompt_index)
+        repeat_cache_rows(cache, prompt_index)
         positions = prompt_mask.sum(dim=1)[prompt_index].unsqueeze(1) + torch.arange(T - 1, device=prompt_ids.device)
         rest = decoder(inputs_embeds=embeds[U * P:].view(n, T - 1, -1),
                        attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1),
