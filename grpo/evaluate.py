@@ -36,11 +36,14 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
 
     Metrics: eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions; a sample the rule
     failed on counts as not correct and in eval/errors, one the rule does not apply to (None) is left out),
-    eval/errors, eval/reward (mean weighted total), eval/completion_length, and with eval_cfg.pass_k = k > 0,
+    eval/errors, eval/reward (mean weighted total), eval/completion_length, with tools
+    eval/tool_calls_per_completion (calls the model made, valid or not, per greedy completion), and with
+    eval_cfg.pass_k = k > 0,
     eval/pass@k: the fraction of prompts for which at least one of k sampled completions (rollout
     temperature) scores > 0 on that rule.
     """
     totals, key_rule, lengths, passed, samples, errors = [], [], [], [], [], 0
+    tool_calls = None  # with tools: calls the greedy completions made
     k = eval_cfg.pass_k
     for start in range(0, len(examples), eval_cfg.batch_size):
         batch = examples[start:start + eval_cfg.batch_size]
@@ -54,6 +57,8 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
                      "score": value} for i, (e, value) in
                     enumerate(zip(batch, scores.per_rule[eval_cfg.reward]))][:SAMPLES - len(samples)]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())
+        if rollouts.tool_counts is not None:
+            tool_calls = (tool_calls or 0) + sum(v for key, v in rollouts.tool_counts.items() if key.endswith("/calls"))
         if k > 0:
             sampled = engine.generate(prompts, Sampling.from_config(rollout_cfg, k))
             values = scorer(sampled.texts, [e for e in batch for _ in range(k)],
@@ -67,6 +72,8 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
         "eval/reward": torch.cat(totals).mean().item(),
         "eval/completion_length": torch.cat(lengths).mean().item(),
     }
+    if tool_calls is not None:
+        metrics["eval/tool_calls_per_completion"] = tool_calls / len(examples)
     if k > 0:
         metrics[f"eval/pass@{k}"] = sum(passed) / len(passed)
     return Evaluation(metrics, samples)

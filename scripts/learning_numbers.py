@@ -6,6 +6,7 @@
     python scripts/learning_numbers.py engines --seeds 2    # -> docs/results/engines.md (needs the vllm extra)
     python scripts/learning_numbers.py variants --seeds 2   # -> docs/results/variants.md
     python scripts/learning_numbers.py lora --seeds 2       # -> docs/results/lora.md
+    python scripts/learning_numbers.py tools                # -> docs/results/tools.md
 
 Each table is measured by running the `grpo` commands a user runs, in fresh processes, on this machine; held-out
 accuracy is `accuracy` (the value a completion states, docs/rewards.md) on the 100 held-out sums, greedy. Sample
@@ -22,6 +23,8 @@ lora: the quickstart with full fine-tuning and with LoRA (model.lora r 16, alpha
 variants and lora run their `grpo train` commands through one pool: `--parallel N` runs N at a time with
 `--threads T` torch threads each (learning numbers do not depend on it; step times do, so they are reported with
 it); `--reuse` keeps runs an earlier invocation finished (each finished run writes `numbers.json`, with its commit).
+tools: `grpo pipeline configs/pipelines/tools_multiply.yaml` (cold-start SFT on calculator traces, then GRPO with
+the calculator) on 3-digit x 2-digit products; held-out accuracy of each stage, tool calls, trajectories.
 moe: configs/deepseek_v3_tiny.yaml on the tiny random DeepSeek-V3, 20 steps without and with auxiliary-loss-free
 balancing (moe.bias_update_speed=0.01): routing metrics and rewards, mean of steps 1-5 and 16-20.
 """
@@ -344,6 +347,44 @@ def lora(args) -> None:
     write("lora.md", text)
 
 
+def tools(args) -> None:
+    out = RUNS / "tools"
+    if not args.render:
+        seconds, _ = grpo("pipeline", "configs/pipelines/tools_multiply.yaml", f"train.output_dir={out}")
+        (out / "command.json").write_text(json.dumps({"seconds": seconds, "provenance": provenance()}))
+    command = json.loads((out / "command.json").read_text())
+    done = {stage: json.loads((out / stage / "DONE").read_text())
+            for stage in ("base_eval", "cold_start", "cold_start_eval", "rl", "no_tool_eval")}
+    rl = records(out / "rl")
+    evals = [r for r in rl if "eval/accuracy" in r]
+    steps = [r for r in rl if "loss" in r]
+    rows = [("base model, with the calculator", done["base_eval"]),
+            ("after cold-start SFT (64 traces), with the calculator", done["cold_start_eval"]),
+            (f"after GRPO ({len(steps)} steps), with the calculator", evals[-1]),
+            ("after GRPO, calculator removed", done["no_tool_eval"])]
+    samples = {"base": json.loads((out / "base_eval/eval_samples.json").read_text()),
+               "cold start": json.loads((out / "cold_start_eval/eval_samples.json").read_text()),
+               "GRPO": json.loads((out / "rl/eval_samples.json").read_text())["after"],
+               "GRPO, no calculator": json.loads((out / "no_tool_eval/eval_samples.json").read_text())}
+    stage_seconds = " + ".join(f"{done[s]['seconds']:.0f} s ({s})" for s in done)
+    by_step = [r for r in steps if r["step"] == 1 or r["step"] % 5 == 0]
+    text = ["# GRPO with a calculator: 3-digit x 2-digit products", "", command["provenance"], "",
+            "`grpo pipeline configs/pipelines/tools_multiply.yaml`: SmolLM2-135M-Instruct, told about the `calculator` "
+            "tool in its system prompt; cold-start SFT on traces from `scripts/make_tool_traces.py`, then GRPO with the "
+            "calculator and the `accuracy` rule. Held-out: the first 100 products of data/tools_multiply/test.jsonl, "
+            "greedy, graded by `accuracy` on the model's own tokens (the tool's result is in the context, not in "
+            "the graded text: the model must state the product).", "",
+            "| model | held-out accuracy | tool calls per completion |", "|---|---|---|",
+            *[f"| {label} | {r['eval/accuracy']:.2f} | {r.get('eval/tool_calls_per_completion', 0.0):.2f} |"
+              for label, r in rows], "",
+            "GRPO by step: " + "; ".join(f"step {r['step']} reward {r['reward']:.2f}, "
+                                         f"{r['tools/calls_per_completion']:.2f} calls" for r in by_step) + ".",
+            f"Time: {command['seconds'] / 60:.1f} min for the whole command ({stage_seconds}).", "",
+            "Greedy held-out trajectories (tool results included; the graded text is the model's own):", "",
+            *sample_lines(samples), ""]
+    write("tools.md", text)
+
+
 def moe(_args) -> None:
     model = RUNS / "tiny-deepseek-v3"
     if not model.is_dir():
@@ -384,6 +425,9 @@ def main() -> None:
     d.add_argument("--seeds", type=int, default=3)
     d.set_defaults(run=distill)
     sub.add_parser("moe").set_defaults(run=moe)
+    t = sub.add_parser("tools")
+    t.add_argument("--render", action="store_true", help="write the table from the last run, without running")
+    t.set_defaults(run=tools)
     v = sub.add_parser("variants")
     v.add_argument("--seeds", type=int, default=2)
     v.set_defaults(run=variants)

@@ -189,6 +189,31 @@ def test_a_call_in_the_last_turn_is_not_run_and_the_budget_holds(scripted):
     assert rollouts.sampled_mask[0].sum() == len(CALL)
 
 
+def test_eval_counts_the_tool_calls_of_its_greedy_completions(scripted):
+    from grpo.config import EvalConfig, RewardSpec, ScoringConfig
+    from grpo.evaluate import evaluate
+    from grpo.scoring.scorer import Scorer
+
+    model, tok, expected = scripted
+
+    class Engine:  # the scripted model through the multi-turn sampler, as the built-in engine runs it
+        def generate(self, prompts, sampling):
+            runner = ToolRunner([ToolSpec(fn="calculator")], workers=0, timeout=5.0)
+            return generate_with_tools(model, tok, prompts, sampling.n, RolloutConfig(max_completion_length=160),
+                                       runner, "plain", 3, greedy=True)
+
+    examples = [{"prompt": p, "question": p, "answer": a} for p, a in zip(expected, ("42", "5"))]
+    scorer = Scorer([RewardSpec(fn="accuracy")], ScoringConfig(workers=0))
+    try:
+        result = evaluate(Engine(), examples, scorer, RolloutConfig(), EvalConfig(batch_size=2))
+    finally:
+        scorer.close()
+    # the short prompt calls the calculator once and answers 42; the long one answers 5 with no call
+    assert result.metrics["eval/tool_calls_per_completion"] == 0.5
+    assert result.metrics["eval/accuracy"] == 1.0
+    assert "<tool_response>" in result.samples[0]["completion"]  # samples show the transcript
+
+
 def test_tools_are_checked_when_the_config_loads(tmp_path):
     cfg = load_config(None, ["tools=[calculator, {fn: python, kwargs: {timeout: 3}}]", "rollout.max_turns=3"])
     assert [t.fn for t in cfg.tools] == ["calculator", "python"] and cfg.tools[1].kwargs == {"timeout": 3}
@@ -278,6 +303,11 @@ def test_the_tools_pipeline_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_
         assert (out / stage / "DONE").is_file(), stage
     rl = [json.loads(line) for line in (out / "rl/metrics.jsonl").read_text().splitlines()]
     assert any("tools/calls_per_completion" in r for r in rl)
+    # eval stages report tool use (none without tools) and keep their first greedy completions
+    assert "eval/tool_calls_per_completion" in json.loads((out / "cold_start_eval/DONE").read_text())
+    assert "eval/tool_calls_per_completion" not in json.loads((out / "no_tool_eval/DONE").read_text())
+    samples = json.loads((out / "cold_start_eval/eval_samples.json").read_text())
+    assert [s["question"] for s in samples] == ["What is 646 * 54?", "What is 662 * 70?"]
 
 
 HERMES = ("{%- if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"

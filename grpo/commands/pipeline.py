@@ -16,6 +16,7 @@ DONE = "DONE"
 
 
 def run_stage(stage: Stage) -> dict:
+    """Run one stage; its summary. An eval stage also writes its first greedy completions to eval_samples.json."""
     from grpo.commands.evaluate import evaluate_checkpoint
     from grpo.commands.rejection import generate_dataset
     from grpo.commands.sft import sft
@@ -29,7 +30,9 @@ def run_stage(stage: Stage) -> dict:
         return sft(stage.config, resume=resume)
     if stage.run == "generate":
         return {"dataset": str(generate_dataset(stage.config))}
-    return evaluate_checkpoint(stage.config, None).metrics
+    evaluation = evaluate_checkpoint(stage.config, None)
+    (out / "eval_samples.json").write_text(json.dumps(evaluation.samples, indent=1))
+    return evaluation.metrics
 
 
 def run_pipeline(stages: list[Stage]) -> dict[str, dict]:
