@@ -147,6 +147,14 @@ def run_scripted(scripted, greedy=True, **kw):
     return rollouts, runner
 
 
+def test_a_tool_worker_that_dies_at_startup_names_the_setting_that_shows_why(tmp_path):
+    path = tmp_path / "dies_in_workers.py"  # imports in this process; a spawned worker exits while importing it
+    path.write_text("import multiprocessing, os\nif multiprocessing.parent_process() is not None:\n    os._exit(3)\n\n"
+                    "def echo(x: str) -> str:\n    \"\"\"Echoes.\"\"\"\n    return x\n")
+    with pytest.raises(RuntimeError, match=r"worker process for tools died.*rollout\.tool_workers=0"):
+        ToolRunner([ToolSpec(fn=f"{path}:echo")], workers=1, timeout=2.0)
+
+
 def test_a_trajectory_is_the_sampled_and_tool_tokens_concatenated(scripted):
     _, tok, expected = scripted
     rollouts, _ = run_scripted(scripted)

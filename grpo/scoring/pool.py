@@ -64,10 +64,13 @@ def _worker(conn, specs, resolve) -> None:
 
 class WorkerPool:
     """`workers` processes running tasks in parallel; `run(tasks)` returns each task's outcomes in order.
-    The constructor returns once every worker is warm (`startup_limit` seconds at most)."""
+    The constructor returns once every worker is warm (`startup_limit` seconds at most). `kind` and `inline`
+    name, in errors, what the workers run ("reward rules") and the setting that runs it in this process."""
 
-    def __init__(self, specs, workers: int, timeout: float, startup_limit: float = 120.0, resolve=None):
+    def __init__(self, specs, workers: int, timeout: float, startup_limit: float = 120.0, resolve=None,
+                 kind: str = "reward rules", inline: str = "scoring.workers=0"):
         self.specs, self.timeout, self.startup_limit, self.resolve = list(specs), timeout, startup_limit, resolve
+        self.kind, self.inline = kind, inline
         self._ctx = mp.get_context("spawn")  # no fork of a process holding torch threads
         self._workers = [self._start() for _ in range(workers)]
         self._ready: set[int] = set()
@@ -77,7 +80,7 @@ class WorkerPool:
             ready = wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 self.close()
-                raise RuntimeError(f"reward worker processes did not start within {startup_limit:g} s")
+                raise RuntimeError(f"the worker processes for {self.kind} did not start within {startup_limit:g} s")
             for conn in ready:
                 self._receive_ready(waiting[conn])
 
@@ -92,8 +95,10 @@ class WorkerPool:
         try:
             message = self._workers[slot][1].recv()
         except (EOFError, OSError):
-            raise RuntimeError("a reward worker process died while importing the rules and scoring their canaries; "
-                               "run with scoring.workers=0 to see the error in this process") from None
+            raise RuntimeError(
+                f"a worker process for {self.kind} died while importing them and running their canaries; run with "
+                f"{self.inline} to see the error in this process. Workers are spawned: a script that starts a run "
+                "must do so under `if __name__ == '__main__':`") from None
         assert message == ("ready",), message
         self._ready.add(slot)
 

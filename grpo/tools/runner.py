@@ -25,7 +25,8 @@ class ToolRunner:
             raise ValueError(f"tools: the names {duplicates} are used twice; give each entry its own `name`")
         self.by_name = {t.name: i for i, t in enumerate(self.tools)}
         self.timeout, self.max_result_chars = timeout, max_result_chars
-        self.pool = WorkerPool(specs, workers, timeout, resolve=resolve_tool) if workers > 0 else None
+        self.pool = (WorkerPool(specs, workers, timeout, resolve=resolve_tool, kind="tools",
+                                inline="rollout.tool_workers=0") if workers > 0 else None)
         self.counts: Counter = self._zero()
 
     @property
