@@ -353,21 +353,21 @@ def tools(args) -> None:
         seconds, _ = grpo("pipeline", "configs/pipelines/tools_multiply.yaml", f"train.output_dir={out}")
         (out / "command.json").write_text(json.dumps({"seconds": seconds, "provenance": provenance()}))
     command = json.loads((out / "command.json").read_text())
-    done = {stage: json.loads((out / stage / "DONE").read_text())
-            for stage in ("base_eval", "cold_start", "cold_start_eval", "rl", "no_tool_eval")}
+    done = {stage: json.loads((out / stage / "DONE").read_text()) for stage in ("base_eval", "cold_start", "rl",
+                                                                              "no_tool_eval")}
     rl = records(out / "rl")
-    evals = [r for r in rl if "eval/accuracy" in r]
+    evals = [r for r in rl if "eval/accuracy" in r]  # the SFT model (step 0), then the RL model
     steps = [r for r in rl if "loss" in r]
     rows = [("base model, with the calculator", done["base_eval"]),
-            ("after cold-start SFT (64 traces), with the calculator", done["cold_start_eval"]),
+            ("after cold-start SFT (32 traces), with the calculator", evals[0]),
             (f"after GRPO ({len(steps)} steps), with the calculator", evals[-1]),
             ("after GRPO, calculator removed", done["no_tool_eval"])]
+    rl_samples = json.loads((out / "rl/eval_samples.json").read_text())
     samples = {"base": json.loads((out / "base_eval/eval_samples.json").read_text()),
-               "cold start": json.loads((out / "cold_start_eval/eval_samples.json").read_text()),
-               "GRPO": json.loads((out / "rl/eval_samples.json").read_text())["after"],
+               "cold start": rl_samples["before"], "GRPO": rl_samples["after"],
                "GRPO, no calculator": json.loads((out / "no_tool_eval/eval_samples.json").read_text())}
     stage_seconds = " + ".join(f"{done[s]['seconds']:.0f} s ({s})" for s in done)
-    by_step = [r for r in steps if r["step"] == 1 or r["step"] % 5 == 0]
+    by_step = [r for r in steps if r["step"] == 1 or r["step"] % 5 == 0 or r is steps[-1]]
     text = ["# GRPO with a calculator: 3-digit x 2-digit products", "", command["provenance"], "",
             "`grpo pipeline configs/pipelines/tools_multiply.yaml`: SmolLM2-135M-Instruct, told about the `calculator` "
             "tool in its system prompt; cold-start SFT on traces from `scripts/make_tool_traces.py`, then GRPO with the "

@@ -307,14 +307,14 @@ def test_the_tools_pipeline_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_
                  "rollout.max_completion_length=8", "rollout.tool_workers=0", "train.prompts_per_step=4",
                  "train.micro_batch_size=4", "train.mixed_precision=fp32", "eval.num_prompts=4", "eval.batch_size=4",
                  "scoring.workers=0", "logging.wandb=disabled"]) == 0
-    for stage in ("base_eval", "cold_start", "cold_start_eval", "rl", "no_tool_eval"):
+    for stage in ("base_eval", "cold_start", "rl", "no_tool_eval"):
         assert (out / stage / "DONE").is_file(), stage
     rl = [json.loads(line) for line in (out / "rl/metrics.jsonl").read_text().splitlines()]
     assert any("tools/calls_per_completion" in r for r in rl)
     # eval stages report tool use (none without tools) and keep their first greedy completions
-    assert "eval/tool_calls_per_completion" in json.loads((out / "cold_start_eval/DONE").read_text())
+    assert "eval/tool_calls_per_completion" in json.loads((out / "base_eval/DONE").read_text())
     assert "eval/tool_calls_per_completion" not in json.loads((out / "no_tool_eval/DONE").read_text())
-    samples = json.loads((out / "cold_start_eval/eval_samples.json").read_text())
+    samples = json.loads((out / "base_eval/eval_samples.json").read_text())
     assert [s["question"] for s in samples] == ["What is 646 * 54?", "What is 662 * 70?"]
 
 
