@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo.rollout.base import Sampling
+from grpo.tools.runner import total_calls
 
 SAMPLES = 2  # greedy completions kept for printing
 
@@ -58,7 +59,7 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
                     enumerate(zip(batch, scores.per_rule[eval_cfg.reward]))][:SAMPLES - len(samples)]
         lengths.append(rollouts.completion_mask.sum(dim=1).float())
         if rollouts.tool_counts is not None:
-            tool_calls = (tool_calls or 0) + sum(v for key, v in rollouts.tool_counts.items() if key.endswith("/calls"))
+            tool_calls = (tool_calls or 0) + total_calls(rollouts.tool_counts)
         if k > 0:
             sampled = engine.generate(prompts, Sampling.from_config(rollout_cfg, k))
             values = scorer(sampled.texts, [e for e in batch for _ in range(k)],

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "numbers"
 RESULTS = ROOT / "docs" / "results"
@@ -358,8 +360,9 @@ def tools(args) -> None:
     rl = records(out / "rl")
     evals = [r for r in rl if "eval/accuracy" in r]  # the SFT model (step 0), then the RL model
     steps = [r for r in rl if "loss" in r]
+    traces = yaml.safe_load((out / "cold_start/stage_config.yaml").read_text())["data"]["max_samples"]
     rows = [("base model, with the calculator", done["base_eval"]),
-            ("after cold-start SFT (32 traces), with the calculator", evals[0]),
+            (f"after cold-start SFT ({traces} traces), with the calculator", evals[0]),
             (f"after GRPO ({len(steps)} steps), with the calculator", evals[-1]),
             ("after GRPO, calculator removed", done["no_tool_eval"])]
     rl_samples = json.loads((out / "rl/eval_samples.json").read_text())

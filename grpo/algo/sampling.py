@@ -13,6 +13,7 @@ import torch
 from grpo.algo.advantages import informative_groups
 from grpo.rollout.base import Sampling, completion_seed, concat_rollouts
 from grpo.scoring.scorer import Scores
+from grpo.tools.runner import total_calls
 
 
 def collect(engine, model, sampler, scorer, hooks, backend, cfg, step: int, timer):
@@ -70,9 +71,8 @@ def tool_metrics(counts: dict[str, float] | None, backend) -> dict[str, float]:
         return {}
     keys = sorted(counts)
     total = dict(zip(keys, backend.sum_tensor(torch.tensor([counts[k] for k in keys])).tolist()))
-    calls = sum(v for k, v in total.items() if k.endswith("/calls"))
     out = {k: v for k, v in total.items() if not k.startswith("tools/_")}
-    out.update({"tools/calls_per_completion": calls / max(total["tools/_completions"], 1.0),
+    out.update({"tools/calls_per_completion": total_calls(total) / max(total["tools/_completions"], 1.0),
                 "tools/turns": total["tools/_turns"] / max(total["tools/_completions"], 1.0),
                 "tools/result_tokens_fraction": total["tools/_result_tokens"] / max(total["tools/_tokens"], 1.0)})
     return out

@@ -80,5 +80,11 @@ class ToolRunner:
             self.pool = None
 
 
+def total_calls(counts: dict[str, float]) -> float:
+    """Calls made, valid or not, in counts as take_counts gives them (keys may carry a prefix, as in
+    Rollouts.tool_counts): the sum of every `<tool>/calls` count, `invalid/calls` included."""
+    return sum(v for key, v in counts.items() if key.endswith("/calls"))
+
+
 def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"\n[result truncated at {limit} characters]"
