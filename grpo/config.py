@@ -269,6 +269,9 @@ class TrainConfig:
     (a bf16-capable GPU, a CPU with AVX-512 BF16 or AMX), else fp32. fp16 needs a GPU."""
     share_prompt: bool = True
     """Run each group's prompt through the model once and let its G completions attend to it (exact)."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input in the training forward and recompute the layer in the backward
+    (grpo.modeling.checkpointing): far less activation memory for about one more forward pass; same values."""
     save_every: int = 0
     """Write output_dir/checkpoint-<step> every N steps (0: only the final model)."""
     keep_last_n: int = 0
@@ -836,6 +839,8 @@ def _check_combinations(cfg: Config) -> list[str]:
         p.append("scoring: workers must be >= 0, timeout > 0 and error_window >= 1")
     if cfg.scoring.probe_rows < 0:
         p.append("scoring.probe_rows: must be >= 0 (0 skips the reward-hack probe)")
+    if cfg.moe.routing_replay and t.gradient_checkpointing:
+        p.append("moe.routing_replay: does not follow recomputed layers yet; set train.gradient_checkpointing=false")
     if cfg.moe.routing_replay and not t.share_prompt:
         p.append("moe.routing_replay: needs train.share_prompt=true (replay follows the shared-prompt pass)")
     if cfg.data.max_prompt_length < 1:

@@ -3,8 +3,8 @@
 Both load the same weights (the built-in SmolLM2-135M-Instruct, written once to a Hugging Face folder),
 train on the same GSM8K prompts with the tokenizer's chat template and the same accuracy reward, with the
 same group size, lengths, beta, loss aggregation (grpo), AdamW settings and precision; gradient
-checkpointing is off in both. Each trainer runs in its own process (so peak RSS is its own): one warm-up
-step, then --steps timed steps. Needs TRL: `pip install -e .[bench]`.
+checkpointing is off in both unless --gradient-checkpointing turns it on in both. Each trainer runs in its own
+process (so peak RSS is its own): one warm-up step, then --steps timed steps. Needs TRL: `pip install -e .[bench]`.
 
 Columns: s/step (mean wall time of a timed step); rollout s and rollout tok/s (the generation phase: completion
 tokens generated per second of it; TRL's is its _generate); push s (grpo: time/weight_sync, the weights into the
@@ -18,6 +18,7 @@ tokens, and prompt + completion tokens, per second of the whole step).
     python scripts/bench.py --engines builtin vllm  # grpo with each rollout engine (vllm: the vllm extra)
     python scripts/bench.py --lora 16             # also grpo training LoRA adapters (r 16, alpha 32, all linear layers)
     python scripts/bench.py --lora 16 --lora-adapted  # and LoRA decoding through the adapters, not merged weights
+    python scripts/bench.py --gradient-checkpointing  # every trainer recomputes activations in the backward
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-adapted", action="store_true",
                    help="also a grpo+lora-adapted row: the same, decoding through the adapters "
                         "(model.lora.merged_generation=false) rather than with them merged into the weights")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="every row with activation checkpointing (grpo: train.gradient_checkpointing; TRL: "
+                        "gradient_checkpointing)")
     p.add_argument("--engine", default="builtin", help=argparse.SUPPRESS)
     p.add_argument("--lora-merged", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--lora-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -91,6 +95,7 @@ def run_grpo(args, workdir: Path, precision: str) -> dict:
         f"train.prompts_per_step={args.prompts}", f"train.micro_batch_size={args.generations}",
         f"train.max_steps={args.steps + 1}", f"train.mixed_precision={precision}", f"train.output_dir={out}",
         "logging.wandb=disabled", "scoring.canary=false",
+        *(["train.gradient_checkpointing=true"] if args.gradient_checkpointing else []),
         *([f"rollout.engine={args.engine}", "rollout.vllm_kv_cache_gib=1.0"] if args.engine != "builtin" else []),
         *([f"model.lora={{r: {args.lora_rank}, alpha: {2 * args.lora_rank}, "
             f"merged_generation: {bool(args.lora_merged)}}}"] if args.lora_rank else []),
@@ -152,7 +157,8 @@ def run_trl(args, workdir: Path, precision: str) -> dict:
         gradient_accumulation_steps=args.prompts, num_generations=args.generations,
         max_completion_length=args.max_new_tokens, temperature=1.0, beta=args.beta, loss_type="grpo",
         scale_rewards="group", learning_rate=1e-6, max_grad_norm=1.0, lr_scheduler_type="constant",
-        gradient_checkpointing=False, bf16=precision == "bf16", use_cpu=True, max_steps=args.steps + 1,
+        gradient_checkpointing=args.gradient_checkpointing, bf16=precision == "bf16", use_cpu=True,
+        max_steps=args.steps + 1,
         logging_steps=1, report_to="none", save_strategy="no", seed=42, disable_dropout=True, shuffle_dataset=False,
     )
     started = time.perf_counter()
@@ -219,7 +225,8 @@ def main() -> None:
                        "--workdir", str(workdir),
                        "--one-precision", precision, "--steps", str(args.steps), "--prompts", str(args.prompts),
                        "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
-                       "--beta", str(args.beta)]
+                       "--beta", str(args.beta),
+                       *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
                 env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None  # grpo imported from the worktree
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
                 line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
@@ -235,7 +242,8 @@ def main() -> None:
 def report(args, results: dict, lengths: list[int]) -> None:
     B, G = args.prompts, args.generations
     print(f"\nsettings: SmolLM2-135M-Instruct, {B} GSM8K prompts x {G} completions, <= {args.max_new_tokens} new "
-          f"tokens, beta {args.beta}, loss grpo, AdamW lr 1e-6, gradient checkpointing off; "
+          f"tokens, beta {args.beta}, loss grpo, AdamW lr 1e-6, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}; "
           f"1 warm-up + {args.steps} timed steps")
     width = max(9, *(len(trainer) + 1 for trainer, _ in results))
     header = f"{'trainer':<{width}}{'precision':<10}{'s/step':>8}{'rollout s':>10}{'rollout tok/s':>14}" \

@@ -192,10 +192,13 @@ def test_lora_under_deepspeed_is_refused_by_name():
         backend._check_options()
 
 
-def test_sharded_enginesrefuse_whole_weight_options_by_name():
+def test_sharded_engines_refuse_whole_weight_options_by_name():
     from grpo.backend.base import refuse_whole_weight_options
 
     cfg = load_config(None, ["algorithm.beta=0.04", "algorithm.ref_reset_every=2", "moe.routing_replay=true"])
     with pytest.raises(ValueError, match=r"algorithm.ref_reset_every, moe.routing_replay: not supported under FSDP"):
         refuse_whole_weight_options(cfg, "FSDP")
+    cfg = load_config(None, ["train.gradient_checkpointing=true"])
+    with pytest.raises(ValueError, match=r"train.gradient_checkpointing: not supported under DeepSpeed"):
+        refuse_whole_weight_options(cfg, "DeepSpeed")
     refuse_whole_weight_options(load_config(None, []), "DeepSpeed")  # defaults are fine

@@ -28,6 +28,7 @@ from grpo.backend.accelerator import make_optimizer, make_scheduler
 from grpo.backend.allocator import keep_freed_memory
 from grpo.backend.cpu import install_cpu_kernels, release_packed_copies
 from grpo.modeling import lora
+from grpo.modeling.checkpointing import checkpoint_layers
 from grpo.modeling.loading import load_model
 from grpo.modeling.logprobs import LogprobModel, causal_lm
 
@@ -68,6 +69,8 @@ class Backend:
         self._check_options()
         self._configure(micro_batches)
         policy = load_model(cfg.model, self.device)
+        if cfg.train.gradient_checkpointing:
+            checkpoint_layers(policy, cfg.train.share_prompt)
         adapters = lora.has_adapters(policy)  # LoRA: the reference is the policy with its adapters off
         reference = self._load_reference(policy) if cfg.algorithm.beta > 0 and not adapters else None
         optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim, self.device)
@@ -202,7 +205,8 @@ def refuse_whole_weight_options(cfg, engine: str) -> None:
     or partitions them."""
     set_ = [name for name, value in (("algorithm.ref_reset_every", cfg.algorithm.ref_reset_every),
                                      ("moe.bias_update_speed", cfg.moe.bias_update_speed),
-                                     ("moe.routing_replay", cfg.moe.routing_replay)) if value]
+                                     ("moe.routing_replay", cfg.moe.routing_replay),
+                                     ("train.gradient_checkpointing", cfg.train.gradient_checkpointing)) if value]
     if set_:
         raise ValueError(f"{', '.join(set_)}: not supported under {engine} yet; set to 0/false or use DDP "
                          "(configs/accelerate/ddp.yaml)")

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from grpo.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from grpo.config import Config, to_yaml
 from grpo.data import DataError, PromptSampler, build_examples, load_rows
+from grpo.modeling.checkpointing import checkpoint_layers
 from grpo.modeling.loading import load_model, load_tokenizer
 from grpo.backend.accelerator import make_accelerator, make_optimizer, make_scheduler
 from grpo.io.tracking import Tracker, truncate_metrics
@@ -123,6 +124,8 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
                         f"{missing[0]}); set sft.response_column to the column with the target responses")
     examples, _ = build_examples(rows, cfg.data, tokenizer, cfg.data.path, tool_prompt(cfg, tokenizer))
     model = load_model(cfg.model, accelerator.device)
+    if cfg.train.gradient_checkpointing:
+        checkpoint_layers(model, share_prompt=False)  # response_nll runs whole rows, no KV cache
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

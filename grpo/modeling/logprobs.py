@@ -5,6 +5,7 @@ Knows how to run a causal LM over prompt + completion with left-padded prompts; 
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -110,8 +111,7 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     T = completion_ids.shape[1]
     if T == 1:
         return token_logprobs(first_logits, completion_ids, temperature, entropy)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    repeat_cache_rows(cache, prompt_index)
+    cache = completion_cache(getattr(out, "cache", None) or out.past_key_values, prompt_index)
     prompt_lengths = prompt_mask.sum(dim=1)[prompt_index]  # [n]
     positions = prompt_lengths.unsqueeze(1) + torch.arange(T - 1, device=completion_ids.device)  # [n, T - 1]
     rest = model(input_ids=completion_ids[:, :-1],
@@ -121,18 +121,41 @@ def shared_prefix_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return token_logprobs(logits, completion_ids, temperature, entropy)
 
 
-def repeat_cache_rows(cache, index: torch.Tensor) -> None:
-    """Row i of every cache layer becomes the old row index[i] (a prompt's KV repeated to its completions),
-    by index_select. Transformers' batch_select_indices indexes (`keys[index]`), whose backward (index_put_
-    with accumulate) adds rows in parallel with atomics on a multi-threaded CPU, so a prompt feeding several
-    completions got a gradient that changed in its last bits from run to run; index_select's backward
-    (index_add_) adds in a fixed order. Layers of other kinds keep their own batch_select_indices."""
-    for layer in getattr(cache, "layers", None) or [cache]:
-        plain = type(layer).batch_select_indices is DynamicLayer.batch_select_indices
-        if plain and getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
-            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-        else:
+class FixedPrefixLayer(DynamicLayer):
+    """A KV-cache layer holding a fixed prefix (prompt keys and values): `update` returns prefix + new keys
+    without storing the new ones, so a layer run twice on the same input (activation checkpointing recomputes
+    it in the backward) attends to the same keys both times."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def completion_cache(cache, index: torch.Tensor):
+    """The cache the completion pass attends to, from the prompt pass's `cache`: row i of every layer is the
+    prompt row index[i] (a prompt's KV repeated to its completions), in FixedPrefixLayers of a new cache
+    object. The prompt cache's layers are emptied, so recomputing the prompt pass (activation checkpointing)
+    starts from an empty cache as the first pass did; values are unchanged either way.
+
+    Rows are repeated by index_select: transformers' batch_select_indices indexes (`keys[index]`), whose
+    backward (index_put_ with accumulate) adds rows in parallel with atomics on a multi-threaded CPU, so a
+    prompt feeding several completions got a gradient that changed in its last bits from run to run;
+    index_select's backward (index_add_) adds in a fixed order. A cache with layers of other kinds (sliding
+    window) keeps its own batch_select_indices and is reused in place."""
+    layers = getattr(cache, "layers", None) or [cache]
+    if any(type(layer) is not DynamicLayer or getattr(layer, "keys", None) is None for layer in layers):
+        for layer in layers:
             layer.batch_select_indices(index)
+        return cache
+    fixed = []
+    for layer in layers:
+        prefix = FixedPrefixLayer()
+        prefix.lazy_initialization(layer.keys, layer.values)
+        prefix.keys, prefix.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+        fixed.append(prefix)
+    out = copy.copy(cache)
+    out.layers = fixed
+    return out
 
 
 def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask, completion_ids, completion_mask,
@@ -146,8 +169,7 @@ def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask
                   position_ids=position_ids_from_mask(prompt_mask), use_cache=True)
     hidden = out.last_hidden_state[:, -1].index_select(0, prompt_index).unsqueeze(1)  # [n, 1, H]: predicts token 0
     if T > 1:
-        cache = getattr(out, "cache", None) or out.past_key_values
-        repeat_cache_rows(cache, prompt_index)
+        cache = completion_cache(getattr(out, "cache", None) or out.past_key_values, prompt_index)
         positions = prompt_mask.sum(dim=1)[prompt_index].unsqueeze(1) + torch.arange(T - 1, device=prompt_ids.device)
         rest = decoder(inputs_embeds=embeds[U * P:].view(n, T - 1, -1),
                        attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1),
