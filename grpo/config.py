@@ -549,6 +549,8 @@ DISTILL_STAGES = [
 def load_pipeline(path: str | Path, overrides: list[str] = (), distill: bool = False) -> list[Stage]:
     """A pipeline file: the usual sections (shared by every stage) plus `stages:`, a list of
     {name, run, model: <earlier stage>, data: <earlier generate stage>, set: {dotted.key: value}}.
+    `overrides` apply to every stage, before its `set`; `stages.<name>.<section>.<key>=value` applies to that
+    stage only, after its `set`.
 
     distill=True ignores `stages:` and runs DISTILL_STAGES: the teacher (distill.teacher) generates and
     filters, the student (model) is fine-tuned on what was kept, then evaluated on eval.path."""
@@ -566,9 +568,18 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), distill: bool = F
         entries[0]["set"] = {"model.name_or_path": teacher, "model.gguf_file": None}
     if not isinstance(entries, list) or not entries:
         raise ConfigError(source, ["stages: expected a list such as `- {name: cold_start, run: sft}`"])
+    per_stage: dict[str, list[str]] = {}  # stages.<name>.<section>.<key>=value: after that stage's `set`
+    for item in [o for o in overrides if o.startswith("stages.")]:
+        name, _, rest = item.removeprefix("stages.").partition(".")
+        per_stage.setdefault(name, []).append(rest)
+    overrides = [o for o in overrides if not o.startswith("stages.")]
     base = _config_from_raw(copy.deepcopy(raw), overrides, source)
     root = Path(base.train.output_dir)
     stages, problems, runs = [], [], {}
+    unknown_stages = sorted(set(per_stage) - {e.get("name") for e in entries if isinstance(e, dict)})
+    if unknown_stages:
+        problems.append(f"stages.{unknown_stages[0]}: no stage has that name; override a stage's setting as "
+                        "stages.<stage name>.<section>.<key>=value")
     for i, entry in enumerate(entries):
         where = f"stages[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or entry.get("run") not in PIPELINE_RUNS:
@@ -591,7 +602,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), distill: bool = F
                 problems.append(f"{where}.data: {data_from!r} is not an earlier generate stage")
             stage_overrides += [f"data.path={root / str(data_from) / base.generate.output}", "sft.response_column=completion"]
         stage_overrides += [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                            for k, v in settings.items()]
+                            for k, v in settings.items()] + per_stage.get(name, [])
         try:
             config = _config_from_raw(copy.deepcopy(raw), [*overrides, *stage_overrides], f"{source} {where}")
         except ConfigError as e:

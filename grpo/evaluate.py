@@ -37,13 +37,15 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
 
     Metrics: eval/accuracy (mean of the rule named eval_cfg.reward over greedy completions; a sample the rule
     failed on counts as not correct and in eval/errors, one the rule does not apply to (None) is left out),
-    eval/errors, eval/reward (mean weighted total), eval/completion_length, with tools
+    eval/errors, eval/reward (mean weighted total), eval/reward/<rule> (mean of each configured rule over the
+    samples it returned a number for: format compliance under a `format` rule), eval/completion_length, with tools
     eval/tool_calls_per_completion (calls the model made, valid or not, per greedy completion), and with
     eval_cfg.pass_k = k > 0,
     eval/pass@k: the fraction of prompts for which at least one of k sampled completions (rollout
     temperature) scores > 0 on that rule.
     """
     totals, key_rule, lengths, passed, samples, errors = [], [], [], [], [], 0
+    per_rule: dict[str, list[float]] = {}
     tool_calls = None  # with tools: calls the greedy completions made
     k = eval_cfg.pass_k
     for start in range(0, len(examples), eval_cfg.batch_size):
@@ -54,6 +56,8 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
         errors += scores.errors[eval_cfg.reward]
         totals.append(scores.total)
         key_rule += scores.per_rule[eval_cfg.reward]
+        for label, values in scores.per_rule.items():
+            per_rule.setdefault(label, []).extend(v for v in values if v is not None)
         samples += [{"question": e.get("question", e["prompt"]), "answer": e["answer"], "completion": rollouts.shown(i),
                      "score": value} for i, (e, value) in
                     enumerate(zip(batch, scores.per_rule[eval_cfg.reward]))][:SAMPLES - len(samples)]
@@ -72,6 +76,7 @@ def evaluate(engine, examples: list[dict], scorer, rollout_cfg, eval_cfg) -> Eva
         "eval/errors": float(errors),
         "eval/reward": torch.cat(totals).mean().item(),
         "eval/completion_length": torch.cat(lengths).mean().item(),
+        **{f"eval/reward/{label}": sum(values) / len(values) for label, values in per_rule.items() if values},
     }
     if tool_calls is not None:
         metrics["eval/tool_calls_per_completion"] = tool_calls / len(examples)

@@ -7,6 +7,7 @@
     python scripts/learning_numbers.py variants --seeds 2   # -> docs/results/variants.md
     python scripts/learning_numbers.py lora --seeds 2       # -> docs/results/lora.md
     python scripts/learning_numbers.py tools                # -> docs/results/tools.md
+    python scripts/learning_numbers.py r1                   # -> docs/results/r1_cpu.md
 
 Each table is measured by running the `grpo` commands a user runs, in fresh processes, on this machine; held-out
 accuracy is `accuracy` (the value a completion states, docs/rewards.md) on the 100 held-out sums, greedy. Sample
@@ -25,6 +26,9 @@ variants and lora run their `grpo train` commands through one pool: `--parallel 
 it); `--reuse` keeps runs an earlier invocation finished (each finished run writes `numbers.json`, with its commit).
 tools: `grpo pipeline configs/pipelines/tools_multiply.yaml` (cold-start SFT on calculator traces, then GRPO with
 the calculator) on 3-digit x 2-digit products; held-out accuracy of each stage, tool calls, trajectories.
+r1: `grpo pipeline configs/pipelines/r1_cpu.yaml` (DeepSeek-R1's cold-start SFT on <think>/<answer> traces, then
+GRPO with the accuracy and strict format rules) on two-step sums and products; per stage held-out accuracy, format
+compliance (the strict `format` rule), completion length, wall time and a greedy completion.
 moe: configs/deepseek_v3_tiny.yaml on the tiny random DeepSeek-V3, 20 steps without and with auxiliary-loss-free
 balancing (moe.bias_update_speed=0.01): routing metrics and rewards, mean of steps 1-5 and 16-20.
 """
@@ -388,6 +392,53 @@ def tools(args) -> None:
     write("tools.md", text)
 
 
+def r1(args) -> None:
+    out = RUNS / "r1_cpu"
+    config = ROOT / "configs/pipelines/r1_cpu.yaml"
+    if not args.render:
+        seconds, _ = grpo("pipeline", str(config.relative_to(ROOT)), f"train.output_dir={out}")
+        (out / "command.json").write_text(json.dumps({"seconds": seconds, "provenance": provenance()}))
+    command = json.loads((out / "command.json").read_text())
+    rows, samples = [], {}
+    for stage in yaml.safe_load(config.read_text())["stages"]:
+        name, done = stage["name"], json.loads((out / stage["name"] / "DONE").read_text())
+        if stage["run"] == "eval":
+            rows.append((f"{name}: {stage.get('model', 'base')} model", done, done["seconds"]))
+            samples[name] = json.loads((out / name / "eval_samples.json").read_text())
+        elif stage["run"] == "train":
+            evals = [r for r in records(out / name) if "eval/accuracy" in r]  # before training, then after
+            steps = [r for r in records(out / name) if "loss" in r]
+            rows.append((f"{name}, before: the {stage['model']} model", evals[0], None))
+            rows.append((f"{name}, after {len(steps)} GRPO steps", evals[-1], done["seconds"]))
+            both = json.loads((out / name / "eval_samples.json").read_text())
+            samples[f"{name} before"], samples[f"{name} after"] = both["before"], both["after"]
+        elif stage["run"] == "generate":
+            kept = len(Path(done["dataset"]).read_text().splitlines())
+            prompts = yaml.safe_load((out / name / "stage_config.yaml").read_text())["data"]["max_samples"]
+            rows.append((f"{name}: samples from the {stage['model']} model, the best right one in R1's layout "
+                         f"kept for {kept} of {prompts} training questions", None, done["seconds"]))
+        else:
+            rows.append((f"{name} ({stage['run']})", None, done["seconds"]))
+    total = sum(r[2] or 0 for r in rows)
+    text = ["# DeepSeek-R1's recipe on a CPU: two-step sums and products", "", command["provenance"], "",
+            "`grpo pipeline configs/pipelines/r1_cpu.yaml` (data: `python scripts/make_r1_traces.py`). Held-out: the "
+            "first 100 questions of data/r1_cpu/test.jsonl (half sums of three numbers, half two-digit x one-digit "
+            "products), greedy. Accuracy: the `accuracy` rule (the value stated in the last <answer> block, else the "
+            "last number; restating the question earns nothing). Format: the strict `format` rule (`<think>`, "
+            "working, `</think>`, `<answer>`, the answer, `</answer>`, each tag on its own line, nothing around).", "",
+            "| stage | held-out accuracy | format compliance | mean completion tokens | wall time |",
+            "|---|---|---|---|---|",
+            *[f"| {label} | " + (f"{r['eval/accuracy']:.2f} | {r['eval/reward/format']:.2f} | "
+                                 f"{r['eval/completion_length']:.1f} | " if r else "| | | ")
+              + (f"{t:.0f} s |" if t is not None else "(in the row below) |") for label, r, t in rows], "",
+            f"Whole command: {command['seconds'] / 60:.1f} min (stages {total / 60:.1f} min, the rest is start-up).",
+            "", "Greedy held-out completions, one per stage:", "",
+            *[line for label, s in samples.items() for line in
+              (f"- {label}: {s[0]['question']} (gold {s[0]['answer']}): `{s[0]['completion']!r}` scored "
+               f"{s[0]['score']}",)], ""]
+    write("r1_cpu.md", text)
+
+
 def moe(_args) -> None:
     model = RUNS / "tiny-deepseek-v3"
     if not model.is_dir():
@@ -431,6 +482,9 @@ def main() -> None:
     t = sub.add_parser("tools")
     t.add_argument("--render", action="store_true", help="write the table from the last run, without running")
     t.set_defaults(run=tools)
+    r = sub.add_parser("r1")
+    r.add_argument("--render", action="store_true", help="write the table from the last run, without running")
+    r.set_defaults(run=r1)
     v = sub.add_parser("variants")
     v.add_argument("--seeds", type=int, default=2)
     v.set_defaults(run=variants)

@@ -163,3 +163,10 @@ def test_the_vllm_engine_is_refused_where_vllm_is_not_installed():
     else:
         with pytest.raises(ConfigError, match=r"rollout.engine: vllm is not installed .* `make setup-vllm`"):
             load_config(None, ["rollout.engine=vllm"])
+
+
+def test_the_r1_zero_config_passes_grpo_validate(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", "configs/r1_zero_gsm8k.yaml"]) == 0
+    header = (ROOT / "configs/r1_zero_gsm8k.yaml").read_text().split("model:")[0]
+    assert "1.5B" in header and "GPU" in header and "74.4" in header

@@ -134,6 +134,18 @@ def test_pipeline_chains_stages_and_a_restart_skips_finished_ones(pipeline_file,
     assert (out / "gen" / "DONE").stat().st_mtime_ns == first_done
 
 
+def test_a_stage_override_applies_to_that_stage_after_its_set(pipeline_file):
+    from grpo.config import ConfigError, load_pipeline
+
+    stages = {s.name: s.config for s in load_pipeline(pipeline_file, [
+        "train.seed=7", "stages.rl.train.max_steps=3", "stages.cold.sft.batch_size=2"])}
+    assert stages["rl"].train.max_steps == 3 and stages["cold"].train.max_steps == 2  # 2: the file's
+    assert stages["cold"].sft.batch_size == 2 and stages["rl"].sft.batch_size != 2  # the cold stage's set says 4
+    assert all(c.train.seed == 7 for c in stages.values())
+    with pytest.raises(ConfigError, match="stages.nope: no stage has that name"):
+        load_pipeline(pipeline_file, ["stages.nope.train.max_steps=2"])
+
+
 def test_pipeline_errors_name_the_stage(pipeline_file):
     from grpo.config import ConfigError, load_pipeline
 

@@ -89,12 +89,18 @@ def test_eval_numbers_match_a_hand_checked_case(tmp_path):
     greedy = generate(model, tok, [e["prompt"] for e in examples], 1, rollout, greedy=True)
     # by hand: a completion scores 1 when its first character is a letter, else 0
     by_hand = [1.0 if t[:1].isalpha() else 0.0 for t in greedy.texts]
-    rule.write_text("def first_letter(completion, example):\n    return 1.0 if completion[:1].isalpha() else 0.0\n")
-    scorer = Scorer([RewardSpec(fn=f"{rule}:first_letter")], ScoringConfig(workers=0))
+    rule.write_text("def first_letter(completion, example):\n    return 1.0 if completion[:1].isalpha() else 0.0\n"
+                    "def long(completion, example):\n    return 1.0 if len(completion) >= 3 else 0.0\n")
+    scorer = Scorer([RewardSpec(fn=f"{rule}:first_letter"), RewardSpec(fn=f"{rule}:long", weight=0.5)],
+                    ScoringConfig(workers=0))
     evaluation = evaluate(BuiltinEngine(tok, model=model), examples, scorer, rollout,
                           EvalConfig(reward="first_letter", batch_size=3))
     metrics = evaluation.metrics
     assert metrics["eval/accuracy"] == pytest.approx(sum(by_hand) / 4)
+    long_by_hand = [1.0 if len(t) >= 3 else 0.0 for t in greedy.texts]
+    assert metrics["eval/reward/first_letter"] == pytest.approx(sum(by_hand) / 4)
+    assert metrics["eval/reward/long"] == pytest.approx(sum(long_by_hand) / 4)
+    assert metrics["eval/reward"] == pytest.approx((sum(by_hand) + 0.5 * sum(long_by_hand)) / 4)
     lengths = greedy.completion_mask.sum(dim=1).float()
     assert metrics["eval/completion_length"] == pytest.approx(lengths.mean().item())
     assert [(s["question"], s["completion"], s["score"]) for s in evaluation.samples] == [
@@ -107,7 +113,8 @@ def test_grpo_eval_command(tiny_model_dir, capsys):
                  "--checkpoint", str(tiny_model_dir)]) == 0
     printed = capsys.readouterr()
     result = json.loads(printed.out)
-    assert set(result) == {"eval/accuracy", "eval/errors", "eval/reward", "eval/completion_length"}
+    assert set(result) == {"eval/accuracy", "eval/errors", "eval/reward", "eval/completion_length",
+                           "eval/reward/accuracy"}
     # what the model wrote, beside the number: two held-out questions with their greedy completions
     err = printed.err.splitlines()
     lines = err[err.index("greedy completions (accuracy score):"):]

@@ -1,0 +1,201 @@
+"""The GRPO stage of configs/pipelines/r1_cpu.yaml, run by this trainer and by TRL's GRPOTrainer, side by side.
+
+Both start from the same cold-start SFT model (the pipeline's cold_start/final, written by
+`python scripts/learning_numbers.py r1`) and use the rl stage's settings as the pipeline wrote them
+(rl/stage_config.yaml): the same prompts (chat template, same user text), rewards (`accuracy` weight 1 and the
+strict `format` rule weight 0.5, the same Python functions), G, completion length, temperature, learning rate,
+beta, clip range, loss aggregation (grpo), group-scaled advantages, AdamW, gradient clipping, prompts per step,
+steps and seed. Each run is its own process. Held-out accuracy: `grpo eval` (greedy, the first 100 questions of
+data/r1_cpu/test.jsonl, the `accuracy` rule) on each trainer's model every `--eval-every` steps (TRL saves its
+model then; this trainer evaluates itself with eval.every).
+
+    python scripts/r1_trl_compare.py --seeds 0 1 2    # -> docs/results/r1_trl.md and docs/results/r1_trl.png
+    python scripts/r1_trl_compare.py --render         # the page and plot from the runs already made
+
+A run that finished (results.json beside it) is not run again. Needs TRL: `pip install -e .[bench]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "runs" / "numbers" / "r1_cpu"
+RUNS = ROOT / "runs" / "numbers" / "r1_trl"
+RESULTS = ROOT / "docs" / "results"
+
+
+def stage_config() -> dict:
+    path = PIPELINE / "rl" / "stage_config.yaml"
+    if not path.is_file():
+        sys.exit(f"{path} is missing: run `python scripts/learning_numbers.py r1` first (it writes the SFT model and "
+                 "the GRPO stage's settings)")
+    return yaml.safe_load(path.read_text())
+
+
+def run_grpo(seed: int, every: int, out: Path) -> dict:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "grpo", "train", str(PIPELINE / "rl" / "stage_config.yaml"),
+                    f"train.seed={seed}", f"train.output_dir={out}", f"eval.every={every}", "logging.wandb=disabled"],
+                   cwd=ROOT, check=True, capture_output=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    return {"seconds": time.perf_counter() - started,
+            "reward": [r["reward"] for r in steps], "accuracy": [r["reward/accuracy"] for r in steps],
+            "format": [r["reward/format"] for r in steps], "step_time": [r["step_time"] for r in steps],
+            "held_out": {str(r["step"]): r["eval/accuracy"] for r in records if "eval/accuracy" in r}}
+
+
+def run_trl(seed: int, every: int, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards.format import format_reward
+    from rewards.math import accuracy
+
+    cfg = stage_config()
+    data, rollout, algo, optim, train = cfg["data"], cfg["rollout"], cfg["algorithm"], cfg["optim"], cfg["train"]
+    rows = [json.loads(line) for line in (ROOT / data["path"]).read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": data["prompt_format"].format(**row)}],
+                                  "answer": row["answer"]} for row in rows])
+
+    def accuracy_reward(completions, answer, **kwargs):
+        return [accuracy(c[0]["content"], {"answer": a}) or 0.0 for c, a in zip(completions, answer)]
+
+    def format_strict(completions, **kwargs):
+        return [format_reward(c[0]["content"], {}, strict=True) for c in completions]
+
+    weights = {spec["fn"]: spec["weight"] for spec in cfg["rewards"]}
+    G, B = rollout["num_generations"], train["prompts_per_step"]
+
+    class Times(TrainerCallback):
+        def __init__(self):
+            self.started, self.times = None, []
+
+        def on_step_begin(self, *a, **k):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.started)
+
+    config = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=G, gradient_accumulation_steps=B, num_generations=G,
+        max_completion_length=rollout["max_completion_length"], temperature=rollout["temperature"],
+        beta=algo["beta"], epsilon=algo["epsilon"], loss_type=algo["loss_type"], scale_rewards="group",
+        learning_rate=optim["lr"], weight_decay=optim["weight_decay"], max_grad_norm=optim["max_grad_norm"],
+        lr_scheduler_type="constant", warmup_steps=0, max_steps=train["max_steps"], seed=seed, use_cpu=True,
+        reward_weights=[weights["accuracy"], weights["format"]], disable_dropout=True, logging_steps=1,
+        report_to="none", save_strategy="steps", save_steps=every, save_only_model=True, bf16=False)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(PIPELINE / "cold_start" / "final", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(PIPELINE / "cold_start" / "final")
+    tokenizer.padding_side = "left"
+    times = Times()
+    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward, format_strict], args=config,
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[times])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    held_out = {}
+    for checkpoint in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        done = subprocess.run([sys.executable, "-m", "grpo", "eval", str(PIPELINE / "rl" / "stage_config.yaml"),
+                               "--checkpoint", str(checkpoint), "logging.wandb=disabled"], cwd=ROOT, check=True,
+                              capture_output=True, text=True)
+        held_out[checkpoint.name.split("-")[1]] = json.loads(done.stdout)["eval/accuracy"]
+    return {"seconds": time.perf_counter() - started, "reward": [h["reward"] for h in logs],
+            "accuracy": [h["rewards/accuracy_reward/mean"] for h in logs],
+            "format": [h["rewards/format_strict/mean"] for h in logs], "step_time": times.times,
+            "held_out": held_out}
+
+
+def render(seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = stage_config()
+    sft_accuracy = json.loads((PIPELINE / "rl" / "metrics.jsonl").read_text().splitlines()[0]).get("eval/accuracy")
+    results = {(t, s): json.loads((RUNS / f"{t}-{s}" / "results.json").read_text())
+               for t in ("grpo", "trl") for s in seeds if (RUNS / f"{t}-{s}" / "results.json").is_file()}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    lines = []
+    for trainer, colour in (("grpo", "tab:blue"), ("trl", "tab:orange")):
+        runs = [r for (t, _), r in results.items() if t == trainer]
+        if not runs:
+            continue
+        steps = range(1, min(len(r["reward"]) for r in runs) + 1)
+        mean = [statistics.mean(r["reward"][i - 1] for r in runs) for i in steps]
+        low = [min(r["reward"][i - 1] for r in runs) for i in steps]
+        high = [max(r["reward"][i - 1] for r in runs) for i in steps]
+        label = "this trainer" if trainer == "grpo" else "TRL 1.16"
+        left.plot(steps, mean, color=colour, label=f"{label} (mean of {len(runs)} seeds)")
+        left.fill_between(steps, low, high, color=colour, alpha=0.2)
+        evals = sorted({int(k) for r in runs for k in r["held_out"]} | {0})
+        held = [statistics.mean(sft_accuracy if e == 0 else r["held_out"][str(e)] for r in runs) for e in evals]
+        right.plot(evals, held, "o-", color=colour, label=label)
+        for r in runs:
+            right.plot(evals, [sft_accuracy if e == 0 else r["held_out"][str(e)] for e in evals], ".", color=colour,
+                       alpha=0.4)
+        lines.append((label, runs, steps, mean, low, high, evals, held))
+    left.set(xlabel="step", ylabel="mean reward (accuracy + 0.5 format)", title="training reward, min-max of seeds")
+    right.set(xlabel="step", ylabel="held-out accuracy (greedy, 100)", title="held-out accuracy (dots: seeds)")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "r1_trl.png")
+    text = ["# The R1 recipe's GRPO stage: this trainer and TRL 1.16 side by side", "",
+            f"`python scripts/{Path(__file__).name}` with seeds {', '.join(map(str, seeds))}: both trainers start "
+            "from the pipeline's cold-start SFT model with the rl stage's settings "
+            f"({cfg['train']['max_steps']} steps, {cfg['train']['prompts_per_step']} prompts x "
+            f"{cfg['rollout']['num_generations']} completions, lr {cfg['optim']['lr']}, beta {cfg['algorithm']['beta']}).",
+            "", "![reward and held-out accuracy](r1_trl.png)", ""]
+    for label, runs, steps, mean, low, high, evals, held in lines:
+        text += [f"## {label}", "",
+                 "Mean reward by step (min-max over seeds): " + ", ".join(
+                     f"{s}: {mean[s - 1]:.2f} ({low[s - 1]:.2f}-{high[s - 1]:.2f})" for s in steps) + ".", "",
+                 "Held-out accuracy (mean of seeds): " + ", ".join(f"step {e}: {h:.2f}" for e, h in zip(evals, held))
+                 + f". Mean step {statistics.mean(t for r in runs for t in r['step_time']):.1f} s.", ""]
+    (RESULTS / "r1_trl.md").write_text("\n".join(text))
+    print("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--trainers", nargs="+", default=["grpo", "trl"], choices=["grpo", "trl"])
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--render", action="store_true")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:  # one TRL run in its own process
+        trainer, seed = args.worker
+        out = RUNS / f"{trainer}-{seed}"
+        result = run_trl(int(seed), args.eval_every, out)
+        (out / "results.json").write_text(json.dumps(result))
+        return
+    if not args.render:
+        for seed in args.seeds:
+            for trainer in args.trainers:
+                out = RUNS / f"{trainer}-{seed}"
+                if (out / "results.json").is_file():
+                    continue
+                print(f"--- {trainer} seed {seed} ---", flush=True)
+                if trainer == "grpo":
+                    (out / "results.json").write_text(json.dumps(run_grpo(seed, args.eval_every, out)))
+                else:
+                    subprocess.run([sys.executable, __file__, "--worker", trainer, str(seed),
+                                    "--eval-every", str(args.eval_every)], cwd=ROOT, check=True)
+    render(args.seeds)
+
+
+if __name__ == "__main__":
+    main()
