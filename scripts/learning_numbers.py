@@ -27,7 +27,7 @@ it); `--reuse` keeps runs an earlier invocation finished (each finished run writ
 tools: `grpo pipeline configs/pipelines/tools_multiply.yaml` (cold-start SFT on calculator traces, then GRPO with
 the calculator) on 3-digit x 2-digit products; held-out accuracy of each stage, tool calls, trajectories.
 r1: `grpo pipeline configs/pipelines/r1_cpu.yaml` (DeepSeek-R1's cold-start SFT on <think>/<answer> traces, then
-GRPO with the accuracy and strict format rules) on two-step sums and products; per stage held-out accuracy, format
+GRPO with the accuracy and strict format rules) on sums of three numbers; per stage held-out accuracy, format
 compliance (the strict `format` rule), completion length, wall time and a greedy completion.
 moe: configs/deepseek_v3_tiny.yaml on the tiny random DeepSeek-V3, 20 steps without and with auxiliary-loss-free
 balancing (moe.bias_update_speed=0.01): routing metrics and rewards, mean of steps 1-5 and 16-20.
@@ -417,13 +417,18 @@ def r1(args) -> None:
             prompts = yaml.safe_load((out / name / "stage_config.yaml").read_text())["data"]["max_samples"]
             rows.append((f"{name}: samples from the {stage['model']} model, the best right one in R1's layout "
                          f"kept for {kept} of {prompts} training questions", None, done["seconds"]))
+        elif stage["run"] == "sft":
+            sft_cfg = yaml.safe_load((out / name / "stage_config.yaml").read_text())
+            rows.append((f"{name}: SFT on {sft_cfg['data']['max_samples']} traces, {sft_cfg['train']['max_steps']} "
+                         f"steps of {sft_cfg['sft']['batch_size']} (its model is evaluated in the row below)", None,
+                         done["seconds"]))
         else:
             rows.append((f"{name} ({stage['run']})", None, done["seconds"]))
     total = sum(r[2] or 0 for r in rows)
-    text = ["# DeepSeek-R1's recipe on a CPU: two-step sums and products", "", command["provenance"], "",
+    text = ["# DeepSeek-R1's recipe on a CPU: sums of three numbers, worked step by step", "", command["provenance"], "",
             "`grpo pipeline configs/pipelines/r1_cpu.yaml` (data: `python scripts/make_r1_traces.py`). Held-out: the "
-            "first 100 questions of data/r1_cpu/test.jsonl (half sums of three numbers, half two-digit x one-digit "
-            "products), greedy. Accuracy: the `accuracy` rule (the value stated in the last <answer> block, else the "
+            "first 100 questions of data/r1_cpu/test.jsonl (three two-digit numbers added and subtracted, "
+            "\"What is 45 - 15 + 88?\"), greedy. Accuracy: the `accuracy` rule (the value stated in the last <answer> block, else the "
             "last number; restating the question earns nothing). Format: the strict `format` rule (`<think>`, "
             "working, `</think>`, `<answer>`, the answer, `</answer>`, each tag on its own line, nothing around).", "",
             "| stage | held-out accuracy | format compliance | mean completion tokens | wall time |",
