@@ -29,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "runs" / "numbers" / "r1_cpu"
-RUNS = ROOT / "runs" / "numbers" / "r1_trl"
+RUNS = ROOT / "runs" / "numbers" / "r1_trl"  # --out
 RESULTS = ROOT / "docs" / "results"
 
 
@@ -41,11 +41,12 @@ def stage_config() -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def run_grpo(seed: int, every: int, out: Path) -> dict:
+def run_grpo(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
     started = time.perf_counter()
+    steps = [f"train.max_steps={max_steps}"] if max_steps else []
     subprocess.run([sys.executable, "-m", "grpo", "train", str(PIPELINE / "rl" / "stage_config.yaml"),
-                    f"train.seed={seed}", f"train.output_dir={out}", f"eval.every={every}", "logging.wandb=disabled"],
-                   cwd=ROOT, check=True, capture_output=True)
+                    f"train.seed={seed}", f"train.output_dir={out}", f"eval.every={every}", "logging.wandb=disabled",
+                    *steps], cwd=ROOT, check=True, capture_output=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {"seconds": time.perf_counter() - started,
@@ -54,7 +55,7 @@ def run_grpo(seed: int, every: int, out: Path) -> dict:
             "held_out": {str(r["step"]): r["eval/accuracy"] for r in records if "eval/accuracy" in r}}
 
 
-def run_trl(seed: int, every: int, out: Path) -> dict:
+def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -92,9 +93,11 @@ def run_trl(seed: int, every: int, out: Path) -> dict:
         max_completion_length=rollout["max_completion_length"], temperature=rollout["temperature"],
         beta=algo["beta"], epsilon=algo["epsilon"], loss_type=algo["loss_type"], scale_rewards="group",
         learning_rate=optim["lr"], weight_decay=optim["weight_decay"], max_grad_norm=optim["max_grad_norm"],
-        lr_scheduler_type="constant", warmup_steps=0, max_steps=train["max_steps"], seed=seed, use_cpu=True,
+        lr_scheduler_type="constant", warmup_steps=0, max_steps=max_steps or train["max_steps"], seed=seed,
+        use_cpu=True,
         reward_weights=[weights["accuracy"], weights["format"]], disable_dropout=True, logging_steps=1,
-        report_to="none", save_strategy="steps", save_steps=every, save_only_model=True, bf16=False)
+        report_to="none", save_strategy="steps", save_steps=every, save_only_model=True, bf16=False,
+        gradient_checkpointing=False)  # off in this trainer too
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(PIPELINE / "cold_start" / "final", dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(PIPELINE / "cold_start" / "final")
@@ -103,6 +106,9 @@ def run_trl(seed: int, every: int, out: Path) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward, format_strict], args=config,
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[times])
     trainer.train()
+    last = out / f"checkpoint-{trainer.state.global_step}"
+    if not last.is_dir():  # the final model, when the step count is not a multiple of save_steps
+        trainer.save_model(str(last))
     logs = [h for h in trainer.state.log_history if "loss" in h]
     held_out = {}
     for checkpoint in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
@@ -116,7 +122,7 @@ def run_trl(seed: int, every: int, out: Path) -> dict:
             "held_out": held_out}
 
 
-def render(seeds: list[int]) -> None:
+def render(seeds: list[int], runs: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,8 +130,8 @@ def render(seeds: list[int]) -> None:
 
     cfg = stage_config()
     sft_accuracy = json.loads((PIPELINE / "rl" / "metrics.jsonl").read_text().splitlines()[0]).get("eval/accuracy")
-    results = {(t, s): json.loads((RUNS / f"{t}-{s}" / "results.json").read_text())
-               for t in ("grpo", "trl") for s in seeds if (RUNS / f"{t}-{s}" / "results.json").is_file()}
+    results = {(t, s): json.loads((runs / f"{t}-{s}" / "results.json").read_text())
+               for t in ("grpo", "trl") for s in seeds if (runs / f"{t}-{s}" / "results.json").is_file()}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lines = []
     for trainer, colour in (("grpo", "tab:blue"), ("trl", "tab:orange")):
@@ -139,7 +145,7 @@ def render(seeds: list[int]) -> None:
         label = "this trainer" if trainer == "grpo" else "TRL 1.16"
         left.plot(steps, mean, color=colour, label=f"{label} (mean of {len(runs)} seeds)")
         left.fill_between(steps, low, high, color=colour, alpha=0.2)
-        evals = sorted({int(k) for r in runs for k in r["held_out"]} | {0})
+        evals = sorted(set.intersection(*[{int(k) for k in r["held_out"]} for r in runs]) | {0})
         held = [statistics.mean(sft_accuracy if e == 0 else r["held_out"][str(e)] for r in runs) for e in evals]
         right.plot(evals, held, "o-", color=colour, label=label)
         for r in runs:
@@ -173,28 +179,33 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trainers", nargs="+", default=["grpo", "trl"], choices=["grpo", "trl"])
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--max-steps", type=int, help="fewer steps than the rl stage's (a quick check of the setup)")
+    parser.add_argument("--out", type=Path, default=RUNS, help="folder of the runs")
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one TRL run in its own process
         trainer, seed = args.worker
-        out = RUNS / f"{trainer}-{seed}"
-        result = run_trl(int(seed), args.eval_every, out)
+        out = args.out / f"{trainer}-{seed}"
+        result = run_trl(int(seed), args.eval_every, out, args.max_steps)
         (out / "results.json").write_text(json.dumps(result))
         return
     if not args.render:
         for seed in args.seeds:
             for trainer in args.trainers:
-                out = RUNS / f"{trainer}-{seed}"
+                out = args.out / f"{trainer}-{seed}"
                 if (out / "results.json").is_file():
                     continue
                 print(f"--- {trainer} seed {seed} ---", flush=True)
                 if trainer == "grpo":
-                    (out / "results.json").write_text(json.dumps(run_grpo(seed, args.eval_every, out)))
+                    result = run_grpo(seed, args.eval_every, out, args.max_steps)
+                    (out / "results.json").write_text(json.dumps(result))
                 else:
-                    subprocess.run([sys.executable, __file__, "--worker", trainer, str(seed),
-                                    "--eval-every", str(args.eval_every)], cwd=ROOT, check=True)
-    render(args.seeds)
+                    subprocess.run([sys.executable, __file__, "--worker", trainer, str(seed), "--out", str(args.out),
+                                    "--eval-every", str(args.eval_every),
+                                    *(["--max-steps", str(args.max_steps)] if args.max_steps else [])],
+                                   cwd=ROOT, check=True)
+    render(args.seeds, args.out)
 
 
 if __name__ == "__main__":
