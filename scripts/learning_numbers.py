@@ -401,36 +401,38 @@ def r1(args) -> None:
     command = json.loads((out / "command.json").read_text())
     rows, samples = [], {}
     for stage in yaml.safe_load(config.read_text())["stages"]:
-        name, done = stage["name"], json.loads((out / stage["name"] / "DONE").read_text())
+        name = stage["name"]
+        done = json.loads((out / name / "DONE").read_text())
+        stage_cfg = yaml.safe_load((out / name / "stage_config.yaml").read_text())
         if stage["run"] == "eval":
             rows.append((f"{name}: {stage.get('model', 'base')} model", done, done["seconds"]))
             samples[name] = json.loads((out / name / "eval_samples.json").read_text())
         elif stage["run"] == "train":
-            evals = [r for r in records(out / name) if "eval/accuracy" in r]  # before training, then after
-            steps = [r for r in records(out / name) if "loss" in r]
+            run = records(out / name)
+            evals = [r for r in run if "eval/accuracy" in r]  # before training, then after
+            steps = [r for r in run if "loss" in r]
             rows.append((f"{name}, before: the {stage['model']} model", evals[0], None))
             rows.append((f"{name}, after {len(steps)} GRPO steps", evals[-1], done["seconds"]))
             both = json.loads((out / name / "eval_samples.json").read_text())
             samples[f"{name} before"], samples[f"{name} after"] = both["before"], both["after"]
         elif stage["run"] == "generate":
             kept = len(Path(done["dataset"]).read_text().splitlines())
-            prompts = yaml.safe_load((out / name / "stage_config.yaml").read_text())["data"]["max_samples"]
             rows.append((f"{name}: samples from the {stage['model']} model, the best right one in R1's layout "
-                         f"kept for {kept} of {prompts} training questions", None, done["seconds"]))
-        elif stage["run"] == "sft":
-            sft_cfg = yaml.safe_load((out / name / "stage_config.yaml").read_text())
-            rows.append((f"{name}: SFT on {sft_cfg['data']['max_samples']} traces, {sft_cfg['train']['max_steps']} "
-                         f"steps of {sft_cfg['sft']['batch_size']} (its model is evaluated in the row below)", None,
+                         f"kept for {kept} of {stage_cfg['data']['max_samples']} training questions", None,
                          done["seconds"]))
-        else:
-            rows.append((f"{name} ({stage['run']})", None, done["seconds"]))
+        else:  # sft
+            rows.append((f"{name}: SFT on {stage_cfg['data']['max_samples']} traces, "
+                         f"{stage_cfg['train']['max_steps']} steps of {stage_cfg['sft']['batch_size']} "
+                         "(its model is evaluated in the row below)", None, done["seconds"]))
     total = sum(r[2] or 0 for r in rows)
-    text = ["# DeepSeek-R1's recipe on a CPU: sums of three numbers, worked step by step", "", command["provenance"], "",
+    text = ["# DeepSeek-R1's recipe on a CPU: sums of three numbers, worked step by step", "",
+            command["provenance"], "",
             "`grpo pipeline configs/pipelines/r1_cpu.yaml` (data: `python scripts/make_r1_traces.py`). Held-out: the "
             "first 100 questions of data/r1_cpu/test.jsonl (three two-digit numbers added and subtracted, "
-            "\"What is 45 - 15 + 88?\"), greedy. Accuracy: the `accuracy` rule (the value stated in the last <answer> block, else the "
-            "last number; restating the question earns nothing). Format: the strict `format` rule (`<think>`, "
-            "working, `</think>`, `<answer>`, the answer, `</answer>`, each tag on its own line, nothing around).", "",
+            "\"What is 45 - 15 + 88?\"), greedy. Accuracy: the `accuracy` rule (the value stated in the last "
+            "<answer> block, else the last number; restating the question earns nothing). Format: the strict "
+            "`format` rule (`<think>`, working, `</think>`, `<answer>`, the answer, `</answer>`, each tag on its own "
+            "line, nothing around).", "",
             "| stage | held-out accuracy | format compliance | mean completion tokens | wall time |",
             "|---|---|---|---|---|",
             *[f"| {label} | " + (f"{r['eval/accuracy']:.2f} | {r['eval/reward/format']:.2f} | "
@@ -438,9 +440,8 @@ def r1(args) -> None:
               + (f"{t:.0f} s |" if t is not None else "(in the row below) |") for label, r, t in rows], "",
             f"Whole command: {command['seconds'] / 60:.1f} min (stages {total / 60:.1f} min, the rest is start-up).",
             "", "Greedy held-out completions, one per stage:", "",
-            *[line for label, s in samples.items() for line in
-              (f"- {label}: {s[0]['question']} (gold {s[0]['answer']}): `{s[0]['completion']!r}` scored "
-               f"{s[0]['score']}",)], ""]
+            *[f"- {label}: {s[0]['question']} (gold {s[0]['answer']}): `{s[0]['completion']!r}` scored "
+              f"{s[0]['score']}" for label, s in samples.items()], ""]
     write("r1_cpu.md", text)
 
 

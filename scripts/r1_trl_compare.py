@@ -43,10 +43,10 @@ def stage_config() -> dict:
 
 def run_grpo(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
     started = time.perf_counter()
-    steps = [f"train.max_steps={max_steps}"] if max_steps else []
+    fewer = [f"train.max_steps={max_steps}"] if max_steps else []
     subprocess.run([sys.executable, "-m", "grpo", "train", str(PIPELINE / "rl" / "stage_config.yaml"),
                     f"train.seed={seed}", f"train.output_dir={out}", f"eval.every={every}", "logging.wandb=disabled",
-                    *steps], cwd=ROOT, check=True, capture_output=True)
+                    *fewer], cwd=ROOT, check=True, capture_output=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {"seconds": time.perf_counter() - started,

@@ -152,3 +152,25 @@ def test_shared_prompt_gradients_repeat_exactly_on_several_threads(monkeypatch, 
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(grads[0], g))
+
+
+def test_a_cache_with_sliding_window_layers_is_repeated_in_place_by_index_select():
+    # Such a cache is not turned into fixed-prefix layers; its layers still repeat their rows with index_select
+    # (a fixed summation order in the backward), not with transformers' indexing.
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from grpo.modeling.logprobs import completion_cache
+
+    torch.manual_seed(0)
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=64)]
+    originals = []
+    for i, layer in enumerate(cache.layers):
+        keys, values = torch.randn(2, 2, 5, 4, requires_grad=True), torch.randn(2, 2, 5, 4, requires_grad=True)
+        layer.update(keys * 1.0, values * 1.0)
+        originals.append((keys, values))
+    index = torch.tensor([0, 0, 1])
+    assert completion_cache(cache, index) is cache
+    for layer, (keys, values) in zip(cache.layers, originals):
+        assert torch.equal(layer.keys, keys[index]) and torch.equal(layer.values, values[index])
+        assert type(layer.keys.grad_fn).__name__ == "IndexSelectBackward0"

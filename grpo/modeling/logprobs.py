@@ -140,11 +140,12 @@ def completion_cache(cache, index: torch.Tensor):
     backward (index_put_ with accumulate) adds rows in parallel with atomics on a multi-threaded CPU, so a
     prompt feeding several completions got a gradient that changed in its last bits from run to run;
     index_select's backward (index_add_) adds in a fixed order. A cache with layers of other kinds (sliding
-    window) keeps its own batch_select_indices and is reused in place."""
+    window) is repeated in place and reused: its plain layers by index_select, the others by their own
+    batch_select_indices."""
     layers = getattr(cache, "layers", None) or [cache]
     if any(type(layer) is not DynamicLayer or getattr(layer, "keys", None) is None for layer in layers):
         for layer in layers:
-            layer.batch_select_indices(index)
+            _repeat_rows_in_place(layer, index)
         return cache
     fixed = []
     for layer in layers:
@@ -156,6 +157,14 @@ def completion_cache(cache, index: torch.Tensor):
     out = copy.copy(cache)
     out.layers = fixed
     return out
+
+
+def _repeat_rows_in_place(layer, index: torch.Tensor) -> None:
+    plain = type(layer).batch_select_indices is DynamicLayer.batch_select_indices
+    if plain and getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    else:
+        layer.batch_select_indices(index)
 
 
 def _shared_prefix_head_logprobs(decoder, weight, embed, prompt_ids, prompt_mask, completion_ids, completion_mask,
