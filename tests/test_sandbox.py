@@ -43,6 +43,8 @@ def test_the_sandbox_cannot_write_outside_its_directory(tmp_path):
 def test_a_program_that_does_not_finish_is_killed():
     result = run_python("while True:\n    pass", timeout=1.0)
     assert result.timed_out and result.returncode is None and not result.ok
+    result = run_python("while True:\n    pass", timeout=60.0, cpu_seconds=1)  # the CPU-time limit comes first
+    assert result.timed_out and result.returncode is None and not result.ok
 
 
 def test_output_is_truncated_and_memory_is_limited():

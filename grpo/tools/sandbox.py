@@ -2,7 +2,9 @@
 
 Each run gets:
 - a fresh temporary directory as its working directory, deleted afterwards;
-- a wall-clock limit (the whole process group is killed past it) and a CPU-time limit (RLIMIT_CPU);
+- a wall-clock limit (the whole process group is killed past it) and a CPU-time limit (RLIMIT_CPU, by default
+  one second above the wall-clock limit, so a single-threaded program meets the wall clock first); both count
+  as running past its time (`timed_out`);
 - a memory limit (RLIMIT_AS) and a size limit on every file it writes (RLIMIT_FSIZE), which also caps its
   output: stdout and stderr go to files in its directory and are read back truncated to `max_output` bytes;
 - no network: a network namespace of its own (`unshare -rn`, where unprivileged user namespaces are allowed), and
@@ -29,9 +31,10 @@ from pathlib import Path
 # Runs first in the sandboxed interpreter: limits, then the audit hook, then the program (argv[1]).
 _PRELUDE = r"""
 import os, resource, sys
-for limit, value in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_CPU, int(sys.argv[3])),
-                     (resource.RLIMIT_FSIZE, int(sys.argv[4]))):
+for limit, value in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_FSIZE, int(sys.argv[4]))):
     resource.setrlimit(limit, (value, value))
+# SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later if the program ignores it
+resource.setrlimit(resource.RLIMIT_CPU, (int(sys.argv[3]), int(sys.argv[3]) + 1))
 
 def install(home=os.path.realpath(os.getcwd())):
     blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
@@ -83,7 +86,7 @@ class SandboxResult:
     stdout: str  # truncated to max_output bytes (with a note saying so)
     stderr: str
     returncode: int | None  # None when it was killed for running past its time
-    timed_out: bool
+    timed_out: bool  # past the wall-clock limit or the CPU-time limit
 
     @property
     def ok(self) -> bool:
@@ -103,9 +106,12 @@ def network_namespace_available() -> bool:
 
 
 def run_python(code: str, *, stdin: str = "", timeout: float = 5.0, memory_mb: int = 512, max_output: int = 4096,
-               files: dict[str, str] | None = None) -> SandboxResult:
+               files: dict[str, str] | None = None, cpu_seconds: int | None = None) -> SandboxResult:
     """Run `code` as a Python program in the sandbox (see the module docstring); `files` are written into its
-    directory first (name -> text). Never raises for anything the program does."""
+    directory first (name -> text). `cpu_seconds` (default: the wall-clock limit rounded up, plus one) caps its
+    CPU time. Never raises for anything the program does."""
+    if cpu_seconds is None:
+        cpu_seconds = int(timeout + 0.999) + 1
     with tempfile.TemporaryDirectory(prefix="grpo-sandbox-") as tmp:
         home = Path(tmp)
         (home / "main.py").write_text(code)
@@ -114,7 +120,7 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 5.0, memory_mb: i
             (home / name).write_text(text)
         limit_bytes = max(max_output, 1 << 16)  # files the program writes may be larger than what is read back
         command = [sys.executable, "-I", "-S", "-B", str(home / "prelude.py"), str(home / "main.py"),
-                   str(memory_mb << 20), str(max(1, int(timeout + 0.999))), str(limit_bytes)]
+                   str(memory_mb << 20), str(max(1, cpu_seconds)), str(limit_bytes)]
         if network_namespace_available():
             command = [shutil.which("unshare"), "-rn", *command]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "PYTHONIOENCODING": "utf-8",
@@ -129,6 +135,7 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 5.0, memory_mb: i
                 timed_out = True
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+            timed_out = timed_out or process.returncode == -signal.SIGXCPU  # past its CPU time
         return SandboxResult(_read(home / ".stdout", max_output), _read(home / ".stderr", max_output),
                              None if timed_out else process.returncode, timed_out)
 
