@@ -12,11 +12,12 @@ the built-ins by the keys of `BUILTINS`.
 from rewards.code import code_tests
 from rewards.format import format_reward, reasoning_steps, tag_count
 from rewards.length import cosine_length, repetition_penalty, soft_overlong, target_length
-from rewards.math import accuracy, countdown
+from rewards.math import accuracy, countdown, true_steps
 
 BUILTINS = {
     "accuracy": accuracy,
     "countdown": countdown,
+    "true_steps": true_steps,
     "code_tests": code_tests,
     "format": format_reward,
     "tag_count": tag_count,

@@ -6,7 +6,8 @@ import re
 
 from rewards.base import rule
 
-_STRICT = re.compile(r"^\s*<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\s*$", re.DOTALL)
+_NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"  # any text without a think or answer tag in it
+_STRICT = re.compile(rf"^\s*<think>\n{_NO_TAG}\n</think>\n<answer>\n{_NO_TAG}\n</answer>\s*$", re.DOTALL)
 _LENIENT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _STEP = re.compile(r"(Step \d+[:.]|^\d+\.\s|\n\d+\.\s|^\s*[-*]\s|\n\s*[-*]\s|\bFirst,|\bSecond,|\bNext,|\bFinally,)")
@@ -16,7 +17,8 @@ _STEP = re.compile(r"(Step \d+[:.]|^\d+\.\s|\n\d+\.\s|^\s*[-*]\s|\n\s*[-*]\s|\bF
 def format_reward(completion: str, example: dict, strict: bool = False) -> float:
     """1.0 when the completion has a think block followed by an answer block, else 0.0.
 
-    strict=True also requires each tag on its own line and nothing before <think> or after </answer>.
+    strict=True also requires each tag on its own line, exactly one think block and one answer block with no
+    tag inside either, and nothing before <think> or after </answer> ("...</answer>\n</answer>" earns 0).
     Completions of an R1-Zero prompt start inside the think block (the prompt ends with "<think>"),
     so an opening tag missing from the completion is read from the prompt when example["prompt"] ends with it.
     """

@@ -202,3 +202,26 @@ def countdown(completion: str, example: dict) -> float:
     if Counter(used) != Counter(int(n) for n in example["nums"]):
         return 0.0
     return 1.0 if value == Fraction(example["target"]) else 0.0
+
+
+_STEP_LINE = re.compile(r"^\s*(\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$", re.MULTILINE)
+_THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+@rule(correct=("<think>\n12 + 30 = 42\n</think>", {}), wrong=("<think>\n12 + 30 = 52\n</think>", {}))
+def true_steps(completion: str, example: dict) -> tuple[float, dict] | None:
+    """The share of working lines `a op b = c` (integers; op one of + - *) that are true equations, read inside
+    the <think> block when there is one, else in the whole completion; None when there are no such lines.
+    Sub-metric `lines`: how many working lines there are.
+
+    Worked example: "<think>\\n47 + 38 = 85\\n85 + 19 = 114\\n</think>" -> (0.5, {"lines": 2}).
+    A monitor more than a reward: with weight 0 it shows whether a model's working gets better or only its
+    answers (true steps are easy to write without solving anything, so do not pay for them alone).
+    """
+    think = _THINK.search(completion)
+    lines = _STEP_LINE.findall(think.group(1) if think else completion)
+    if not lines:
+        return None
+    right = sum(_APPLY[op](int(a), int(b)) == int(c) for a, op, b, c in lines)
+    return right / len(lines), {"lines": float(len(lines))}

@@ -8,6 +8,7 @@ import torch
 from grpo.config import RewardSpec, ScoringConfig
 from grpo.scoring.scorer import RewardRuleError, Scorer
 from rewards.format import format_reward, reasoning_steps, tag_count
+from rewards.math import true_steps
 from rewards.length import cosine_length, repetition_penalty, soft_overlong, target_length
 from rewards.math import accuracy, countdown, gold_text
 
@@ -93,6 +94,10 @@ def test_countdown_table(completion, expected):
     ("<think>add</think> <answer>5</answer>", False, 1.0),
     ("sure <think>add</think><answer>5</answer> bye", False, 1.0),
     ("<answer>5</answer><think>x</think>", False, 0.0),
+    ("<think>\nadd\n</think>\n<answer>\n5\n</answer>\n</answer>", True, 0.0),  # a tag after the answer block
+    ("<think>\nadd\n</think>\n<answer>\n5\n</answer>\n<answer>\n6\n</answer>", True, 0.0),  # two answers
+    ("<think>\na\n</think>\n<think>\nb\n</think>\n<answer>\n5\n</answer>", True, 0.0),  # two think blocks
+    ("<think>\n1 < 2 and 3 > 2\n</think>\n<answer>\n5\n</answer>", True, 1.0),  # < and > alone are fine
 ])
 def test_format_table(completion, strict, expected):
     assert format_reward(completion, {}, strict=strict) == expected
@@ -316,3 +321,11 @@ def test_a_rule_that_does_not_apply_is_counted_apart_from_errors():
 def test_target_length_by_hand(tokens, expected):
     assert target_length("x", {"completion_tokens": tokens}, target=8) == expected
     assert target_length("x" * tokens, {"completion_tokens": 1}, target=8, unit="chars") == expected
+
+
+def test_true_steps_counts_the_true_working_lines_inside_think():
+    assert true_steps("<think>\n47 + 38 = 85\n85 + 19 = 114\n</think>\n<answer>\n114\n</answer>", {}) == (
+        0.5, {"lines": 2.0})
+    assert true_steps("<think>\n9 - 12 = -3\n3 * 4 = 12\n</think>", {}) == (1.0, {"lines": 2.0})
+    assert true_steps("<think>\nadd them\n</think>\n<answer>\n12 + 30 = 42\n</answer>", {}) is None  # outside think
+    assert true_steps("12 + 30 = 42\n42 + 1 = 44", {}) == (0.5, {"lines": 2.0})  # no think block: the whole text
