@@ -428,15 +428,18 @@ def r1(args) -> None:
     text = ["# DeepSeek-R1's recipe on a CPU: sums of three numbers, worked step by step", "",
             command["provenance"], "",
             "`grpo pipeline configs/pipelines/r1_cpu.yaml` (data: `python scripts/make_r1_traces.py`). Held-out: the "
-            "first 100 questions of data/r1_cpu/test.jsonl (three two-digit numbers added and subtracted, "
-            "\"What is 45 - 15 + 88?\"), greedy. Accuracy: the `accuracy` rule (the value stated in the last "
+            "first 100 questions of data/r1_cpu/test.jsonl (sums of three two-digit numbers, "
+            "\"What is 95 + 60 + 10?\"), greedy. Accuracy: the `accuracy` rule (the value stated in the last "
             "<answer> block, else the last number; restating the question earns nothing). Format: the strict "
             "`format` rule (`<think>`, working, `</think>`, `<answer>`, the answer, `</answer>`, each tag on its own "
-            "line, nothing around).", "",
-            "| stage | held-out accuracy | format compliance | mean completion tokens | wall time |",
-            "|---|---|---|---|---|",
+            "line, nothing around). True working lines: the `true_steps` monitor (weight 0), the share of the "
+            "`a + b = c` lines inside <think> that are true.", "",
+            "| stage | held-out accuracy | format compliance | true working lines | mean completion tokens | wall time |",
+            "|---|---|---|---|---|---|",
             *[f"| {label} | " + (f"{r['eval/accuracy']:.2f} | {r['eval/reward/format']:.2f} | "
-                                 f"{r['eval/completion_length']:.1f} | " if r else "| | | ")
+                                 + (f"{r['eval/reward/true_steps']:.2f}" if "eval/reward/true_steps" in r else "-")
+                                 + " | "
+                                 f"{r['eval/completion_length']:.1f} | " if r else "| | | | ")
               + (f"{t:.0f} s |" if t is not None else "(in the row below) |") for label, r, t in rows], "",
             f"Whole command: {command['seconds'] / 60:.1f} min (stages {total / 60:.1f} min, the rest is start-up).",
             "", "Greedy held-out completions, one per stage:", "",

@@ -2,19 +2,21 @@
 
     python scripts/make_r1_traces.py            # -> data/r1_cpu/{sft,train,test}.jsonl
 
-Each question adds and subtracts three two-digit numbers, "What is 47 + 38 - 19?" (the result is never
-negative), worked in two lines. `--products F` makes a fraction F of them a two-digit number (not a multiple of
-ten) times a one-digit one, "What is 23 * 7?", worked in three lines (tens, units, their sum); the built-in model
-got 2% of those right after the cold start, too few for GRPO to learn from on a CPU budget, so the shipped data
-has none. sft.jsonl holds cold-start traces in DeepSeek-R1's layout, each tag on its own line (what the strict `format`
+Each question adds three two-digit numbers, "What is 47 + 38 + 19?", worked in two lines. `--minus P` makes each
+operation a subtraction with chance P ("What is 47 + 38 - 19?", the result never negative): after the cold start
+the built-in model's sampled answers to such questions were right 19% of the time and most groups of samples
+scored alike, so GRPO had little to learn from (docs/pipeline.md); the shipped data has none. `--products F` makes a fraction F of
+the questions a two-digit number (not a multiple of ten) times a one-digit one, "What is 23 * 7?", worked in three
+lines (tens, units, their sum); the cold-start model got 2% of those right, so the shipped data has none either.
+sft.jsonl holds cold-start traces in DeepSeek-R1's layout, each tag on its own line (what the strict `format`
 rule accepts), one line of working per step:
 
     <think>
     47 + 38 = 85
-    85 - 19 = 66
+    85 + 19 = 104
     </think>
     <answer>
-    66
+    104
     </answer>
 
 train.jsonl and test.jsonl hold questions and answers only; no question appears in two files.
@@ -37,10 +39,11 @@ def product(a: int, d: int) -> tuple[str, list[str], int]:
     return f"What is {a} * {d}?", steps, a * d
 
 
-def sum_of_three(rng: random.Random) -> tuple[str, list[str], int]:
-    """(question, working lines, answer) of three random two-digit numbers added and subtracted."""
+def sum_of_three(rng: random.Random, minus: float = 0.0) -> tuple[str, list[str], int]:
+    """(question, working lines, answer) of three random two-digit numbers added, each operation a subtraction
+    with probability `minus`."""
     a, b, c = (rng.randint(10, 99) for _ in range(3))
-    first_op, second_op = rng.choice("+-"), rng.choice("+-")
+    first_op, second_op = ("-" if rng.random() < minus else "+" for _ in range(2))
     if first_op == "-" and b > a:
         a, b = b, a
     first = a + b if first_op == "+" else a - b
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--sft", type=int, default=300, help="cold-start traces")
     parser.add_argument("--train", type=int, default=1000, help="GRPO questions")
     parser.add_argument("--test", type=int, default=200, help="held-out questions")
+    parser.add_argument("--minus", type=float, default=0.0, help="chance that an operation is a subtraction")
     parser.add_argument("--products", type=float, default=0.0, help="fraction of products (at most 648 in all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -70,7 +74,7 @@ def main() -> None:
     rng.shuffle(products)
     sums, seen = [], set()
     while len(sums) < args.sft + args.train + args.test:
-        row = sum_of_three(rng)
+        row = sum_of_three(rng, args.minus)
         if row[0] not in seen:
             seen.add(row[0])
             sums.append(row)

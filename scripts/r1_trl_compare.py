@@ -175,15 +175,19 @@ def render(seeds: list[int], runs: Path) -> None:
 
 
 def main() -> None:
+    global PIPELINE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trainers", nargs="+", default=["grpo", "trl"], choices=["grpo", "trl"])
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--max-steps", type=int, help="fewer steps than the rl stage's (a quick check of the setup)")
     parser.add_argument("--out", type=Path, default=RUNS, help="folder of the runs")
+    parser.add_argument("--pipeline", type=Path, default=PIPELINE,
+                        help="the pipeline run whose cold_start model and rl settings both trainers use")
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    PIPELINE = args.pipeline.resolve()
     if args.worker:  # one TRL run in its own process
         trainer, seed = args.worker
         out = args.out / f"{trainer}-{seed}"
@@ -202,6 +206,7 @@ def main() -> None:
                     (out / "results.json").write_text(json.dumps(result))
                 else:
                     subprocess.run([sys.executable, __file__, "--worker", trainer, str(seed), "--out", str(args.out),
+                                    "--pipeline", str(PIPELINE),
                                     "--eval-every", str(args.eval_every),
                                     *(["--max-steps", str(args.max_steps)] if args.max_steps else [])],
                                    cwd=ROOT, check=True)

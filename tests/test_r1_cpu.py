@@ -34,8 +34,8 @@ def _rows(name: str) -> list[dict]:
 def test_traces_pass_the_strict_format_and_accuracy_rules_and_their_working_is_right():
     module = _traces_module()
     rng = random.Random(1)
-    problems = [module.sum_of_three(rng) for _ in range(300)] + [module.product(a, d) for a in (11, 47, 99)
-                                                                  for d in range(2, 10)]
+    problems = [module.sum_of_three(rng, minus) for minus in (0.0, 0.5) for _ in range(150)]
+    problems += [module.product(a, d) for a in (11, 47, 99) for d in range(2, 10)]
     for question, steps, answer in problems:
         text = module.trace(steps, answer)
         assert format_reward(text, {}, strict=True) == 1.0, text
