@@ -329,3 +329,4 @@ def test_true_steps_counts_the_true_working_lines_inside_think():
     assert true_steps("<think>\n9 - 12 = -3\n3 * 4 = 12\n</think>", {}) == (1.0, {"lines": 2.0})
     assert true_steps("<think>\nadd them\n</think>\n<answer>\n12 + 30 = 42\n</answer>", {}) is None  # outside think
     assert true_steps("12 + 30 = 42\n42 + 1 = 44", {}) == (0.5, {"lines": 2.0})  # no think block: the whole text
+    assert true_steps("9" * 5000 + " + 1 = 2\n1 + 1 = 2", {}) == (1.0, {"lines": 1.0})  # a huge number is no step
