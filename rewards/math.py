@@ -204,7 +204,8 @@ def countdown(completion: str, example: dict) -> float:
     return 1.0 if value == Fraction(example["target"]) else 0.0
 
 
-_STEP_LINE = re.compile(r"^\s*(\d{1,18})\s*([-+*])\s*(\d{1,18})\s*=\s*(-?\d{1,40})\s*$", re.MULTILINE)  # bounded numbers
+# numbers of bounded length: a 5000-digit "number" is no working step, and int() of it would raise
+_STEP_LINE = re.compile(r"^\s*(\d{1,18})\s*([-+*])\s*(\d{1,18})\s*=\s*(-?\d{1,40})\s*$", re.MULTILINE)
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 

@@ -425,6 +425,14 @@ def r1(args) -> None:
                          f"{stage_cfg['train']['max_steps']} steps of {stage_cfg['sft']['batch_size']} "
                          "(its model is evaluated in the row below)", None, done["seconds"]))
     total = sum(r[2] or 0 for r in rows)
+
+    def eval_cells(r: dict | None) -> str:  # accuracy, format, true working lines, length; blank without an eval
+        if r is None:
+            return "| | | | "
+        steps = f"{r['eval/reward/true_steps']:.2f}" if "eval/reward/true_steps" in r else "-"
+        return (f"{r['eval/accuracy']:.2f} | {r['eval/reward/format']:.2f} | {steps} | "
+                f"{r['eval/completion_length']:.1f} | ")
+
     text = ["# DeepSeek-R1's recipe on a CPU: sums of three numbers, worked step by step", "",
             command["provenance"], "",
             "`grpo pipeline configs/pipelines/r1_cpu.yaml` (data: `python scripts/make_r1_traces.py`). Held-out: the "
@@ -436,11 +444,8 @@ def r1(args) -> None:
             "`a + b = c` lines inside <think> that are true.", "",
             "| stage | held-out accuracy | format compliance | true working lines | mean completion tokens | wall time |",
             "|---|---|---|---|---|---|",
-            *[f"| {label} | " + (f"{r['eval/accuracy']:.2f} | {r['eval/reward/format']:.2f} | "
-                                 + (f"{r['eval/reward/true_steps']:.2f}" if "eval/reward/true_steps" in r else "-")
-                                 + " | "
-                                 f"{r['eval/completion_length']:.1f} | " if r else "| | | | ")
-              + (f"{t:.0f} s |" if t is not None else "(in the row below) |") for label, r, t in rows], "",
+            *[f"| {label} | {eval_cells(r)}" + (f"{t:.0f} s |" if t is not None else "(in the row below) |")
+              for label, r, t in rows], "",
             f"Whole command: {command['seconds'] / 60:.1f} min (stages {total / 60:.1f} min, the rest is start-up).",
             "", "Greedy held-out completions, one per stage:", "",
             *[f"- {label}: {s[0]['question']} (gold {s[0]['answer']}): `{s[0]['completion']!r}` scored "

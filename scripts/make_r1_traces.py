@@ -5,9 +5,10 @@
 Each question adds three two-digit numbers, "What is 47 + 38 + 19?", worked in two lines. `--minus P` makes each
 operation a subtraction with chance P ("What is 47 + 38 - 19?", the result never negative): after the cold start
 the built-in model's sampled answers to such questions were right 19% of the time and most groups of samples
-scored alike, so GRPO had little to learn from (docs/pipeline.md); the shipped data has none. `--products F` makes a fraction F of
-the questions a two-digit number (not a multiple of ten) times a one-digit one, "What is 23 * 7?", worked in three
-lines (tens, units, their sum); the cold-start model got 2% of those right, so the shipped data has none either.
+scored alike, so GRPO had little to learn from (docs/pipeline.md); the shipped data has none. `--products F`
+makes a fraction F of the questions a two-digit number (not a multiple of ten) times a one-digit one, "What is
+23 * 7?", worked in three lines (tens, units, their sum); the cold-start model got 2% of those right, so the
+shipped data has none either.
 sft.jsonl holds cold-start traces in DeepSeek-R1's layout, each tag on its own line (what the strict `format`
 rule accepts), one line of working per step:
 

@@ -8,9 +8,8 @@ import torch
 from grpo.config import RewardSpec, ScoringConfig
 from grpo.scoring.scorer import RewardRuleError, Scorer
 from rewards.format import format_reward, reasoning_steps, tag_count
-from rewards.math import true_steps
 from rewards.length import cosine_length, repetition_penalty, soft_overlong, target_length
-from rewards.math import accuracy, countdown, gold_text
+from rewards.math import accuracy, countdown, gold_text, true_steps
 
 from conftest import GSM8K
 
