@@ -54,6 +54,18 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class MTPConfig:
+    layers: int = 1
+    """MTP modules (prediction depth); DeepSeek-V3 uses 1, the only depth implemented."""
+    weight: float = 0.3
+    """lambda: `grpo sft` minimises the SFT loss + lambda x the MTP loss (DeepSeek-V3: 0.3, later 0.1). In GRPO the
+    module alone learns its cross-entropy on the sampled completions (the policy's update is unchanged);
+    0 freezes it there."""
+    lr: Optional[float] = None
+    """GRPO: learning rate of the MTP module's own AdamW; null uses optim.lr."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
     """A local Hugging Face folder, a hub id, a `.gguf` file, or the built-in `smollm2-135m-instruct`."""
@@ -68,6 +80,10 @@ class ModelConfig:
     lora: Optional[LoraConfig] = None
     """Train LoRA adapters (peft) instead of all weights: {r, alpha, dropout, target_modules}; `{}` takes the
     defaults; null is full fine-tuning. The reference model is then the base model (adapters off)."""
+    mtp: Optional[MTPConfig] = None
+    """DeepSeek-V3's multi-token prediction module (grpo.modeling.mtp): {layers, weight, lr}; `{}` takes the
+    defaults. Loaded from the model folder's mtp.safetensors when there is one, else initialised; trained by
+    `grpo sft` and kept in step during GRPO; drafts rollout tokens with rollout.speculative=mtp."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,10 @@ class RolloutConfig:
     """Nucleus sampling threshold (1.0 disables)."""
     top_k: int = 0
     """Top-k sampling (0 disables)."""
+    speculative: Literal["none", "mtp"] = "none"
+    """Built-in engine: `mtp` drafts the token after next with the model's MTP module (model.mtp) and verifies it
+    with speculative sampling: the same distribution, up to 2 tokens per forward (docs/performance.md measures
+    when that is faster)."""
     engine: Literal["builtin", "vllm"] = "builtin"
     """Who samples: the built-in KV-cached decoding loop, or vLLM colocated in each training process (needs the
     `vllm` extra; docs/performance.md compares them)."""
@@ -416,7 +436,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def describe() -> str:
     """Every section and field with its type, default and doc, for `grpo validate --doc`."""
     out = []
-    for section, cls in [*SECTIONS.items(), ("model.lora", LoraConfig), ("rewards[]", RewardSpec), ("tools[]", ToolSpec)]:
+    for section, cls in [*SECTIONS.items(), ("model.lora", LoraConfig), ("model.mtp", MTPConfig), ("rewards[]", RewardSpec), ("tools[]", ToolSpec)]:
         out.append(f"{section}:")
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -836,6 +856,24 @@ def _check_combinations(cfg: Config) -> list[str]:
         if a.ref_reset_every:
             p.append("algorithm.ref_reset_every: with model.lora the reference is the base model (adapters off); "
                      "it cannot be reset")
+    if cfg.model.mtp is not None:
+        m = cfg.model.mtp
+        if m.layers != 1:
+            p.append(f"model.mtp.layers: {m.layers}; only depth 1 (DeepSeek-V3's) is implemented")
+        if m.weight < 0 or (m.lr is not None and m.lr <= 0):
+            p.append("model.mtp: weight must be >= 0 and lr above 0 (or null for optim.lr)")
+        if cfg.model.lora is not None:
+            p.append("model.mtp: not with model.lora yet (the MTP block trains whole); drop one of them")
+        if t.gradient_checkpointing:
+            p.append("model.mtp: not with train.gradient_checkpointing yet; set it to false")
+        if cfg.sft.packing:
+            p.append("model.mtp: not with sft.packing (the MTP sequence would cross packed examples); set it to false")
+    if r.speculative == "mtp":
+        if cfg.model.mtp is None:
+            p.append("rollout.speculative: mtp drafts with the model's MTP module; set model.mtp (e.g. `{}`)")
+        if r.engine != "builtin" or cfg.tools or cfg.moe.routing_replay:
+            p.append("rollout.speculative: mtp runs in the built-in engine's single-turn decoding; set "
+                     "rollout.engine=builtin, no tools, moe.routing_replay=false")
     if a.kl_penalty == "reward" and a.beta == 0:
         p.append("algorithm.kl_penalty: 'reward' needs algorithm.beta > 0")
     if a.ref_reset_every and a.beta == 0:
@@ -892,7 +930,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 # Fields whose change makes a checkpoint mean something else; others (logging, max_steps, eval, ...) may change.
-RESUME_FIXED = ["model.name_or_path", "model.gguf_file", "model.dtype", "model.lora", "data.path", "data.split",
+RESUME_FIXED = ["model.name_or_path", "model.gguf_file", "model.dtype", "model.lora", "model.mtp", "data.path", "data.split",
                 "data.prompt_column", "data.answer_column", "data.template", "data.prompt_format", "data.system_prompt",
                 "data.max_samples", "data.shuffle", "rollout.num_generations", "train.prompts_per_step", "train.seed",
                 "algorithm.beta", "algorithm.num_iterations", "algorithm.ref_reset_every"]

@@ -60,7 +60,16 @@ def rollout_metrics(rollouts, scores: Scores, backend) -> dict[str, float]:
     lengths = backend.gather(rollouts.completion_mask.sum(dim=1).float())
     return {**gather_scores(scores, backend).metrics(), "completion_length": lengths.mean().item(),
             "truncated_ratio": backend.gather(rollouts.truncated.float()).mean().item(),
-            **tool_metrics(rollouts.tool_counts, backend)}
+            **tool_metrics(rollouts.tool_counts, backend), **draft_metrics(rollouts.draft_counts)}
+
+
+def draft_metrics(counts: dict[str, int] | None) -> dict[str, float]:
+    """rollout/mtp_acceptance (accepted drafts / drafts) and rollout/tokens_per_forward (completion tokens /
+    the policy's forward passes per row, the prompt's included), for speculative rollouts."""
+    if counts is None:
+        return {}
+    return {"rollout/mtp_acceptance": counts["accepted"] / max(counts["drafted"], 1),
+            "rollout/tokens_per_forward": counts["tokens"] / max(counts["forwards"], 1)}
 
 
 def tool_metrics(counts: dict[str, float] | None, backend) -> dict[str, float]:

@@ -2,7 +2,9 @@
 DeepSeek-R1's recipe. Same config, data, checkpoint and tracking code as `grpo train`.
 
 The loss is the mean negative log-likelihood over response tokens (and the EOS after them) of the whole
-batch; prompt tokens are context only. Micro-batches are normalised by the batch's response-token count,
+batch; prompt tokens are context only. With model.mtp, lambda (model.mtp.weight) times the MTP module's loss
+(the mean over the same batch's response tokens from the third on, grpo.modeling.mtp) is added, as
+DeepSeek-V3 trains it; both are logged (sft/loss, sft/mtp_loss). Micro-batches are normalised by the batch's response-token count,
 so accumulation gives the gradient of one pass over the batch.
 """
 
@@ -19,7 +21,10 @@ from grpo.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from grpo.config import Config, to_yaml
 from grpo.data import DataError, PromptSampler, build_examples, load_rows
 from grpo.modeling.checkpointing import checkpoint_layers
+from grpo.modeling.head import head_logprobs
+from grpo.modeling.logprobs import position_ids_from_mask, split_head
 from grpo.modeling.loading import load_model, load_tokenizer
+from grpo.modeling.mtp import load_mtp, mtp_loss_sum, mtp_target_count, save_mtp, start_mtp
 from grpo.backend.accelerator import make_accelerator, make_optimizer, make_scheduler
 from grpo.io.tracking import Tracker, truncate_metrics
 from grpo.tools.calls import tool_prompt
@@ -108,6 +113,20 @@ def response_nll(model, batch: dict[str, torch.Tensor], num_tokens: float) -> to
     return losses / max(num_tokens, 1.0)
 
 
+def response_and_mtp_nll(model, mtp, batch: dict[str, torch.Tensor], num_tokens: float,
+                         num_mtp_tokens: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(response_nll, the MTP loss sum / num_mtp_tokens) from one decoder pass: the head reads its hidden
+    states for the response tokens, the MTP module (grpo.modeling.mtp) for the tokens after next."""
+    decoder, weight = split_head(model)
+    mask, labels = batch["attention_mask"], batch["labels"]
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
+                     position_ids=position_ids_from_mask(mask)).last_hidden_state
+    targets = labels[:, 1:] != IGNORE
+    nll = -head_logprobs(hidden[:, :-1], weight, batch["input_ids"][:, 1:], targets.long()).sum()
+    mtp_sum = mtp_loss_sum(mtp, model, hidden, batch["input_ids"], mask, (labels != IGNORE).long())
+    return nll / max(num_tokens, 1.0), mtp_sum / max(num_mtp_tokens, 1.0)
+
+
 def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
     """Fine-tune cfg.model on cfg.data (prompt column -> cfg.sft.response_column) for cfg.train.max_steps."""
     out = Path(cfg.train.output_dir)
@@ -126,7 +145,13 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
     model = load_model(cfg.model, accelerator.device)
     if cfg.train.gradient_checkpointing:
         checkpoint_layers(model, share_prompt=False)  # response_nll runs whole rows, no KV cache
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, accelerator.device)
+    mtp = None
+    if cfg.model.mtp is not None:
+        if accelerator.num_processes > 1:
+            raise ValueError("model.mtp trains on one process for now; launch one process")
+        mtp = start_mtp(cfg.model, model) if checkpoint is None else load_mtp(checkpoint, model)
+    trained = [p for p in model.parameters() if p.requires_grad] + ([] if mtp is None else list(mtp.parameters()))
+    optimizer = make_optimizer(trained, cfg.optim, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     sampler = PromptSampler(examples, cfg.train.seed, cfg.data.shuffle)
@@ -144,28 +169,36 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
         features = [sft_features(e["prompt"], str(e[cfg.sft.response_column]), tokenizer, cfg.sft.max_length)
                     for e in batch]
         num_tokens = sum(sum(1 for label in labels[1:] if label != IGNORE) for _, labels in features)
+        num_mtp_tokens = sum(mtp_target_count(labels, IGNORE) for _, labels in features)
         rows = pack(features, cfg.sft.max_length) if cfg.sft.packing else [[f] for f in features]
-        total = 0.0
+        total, total_mtp = 0.0, 0.0
         for i in range(0, len(rows), cfg.train.micro_batch_size):
             chunk = rows[i:i + cfg.train.micro_batch_size]
             micro = collate_packed(chunk, tokenizer.pad_token_id) if cfg.sft.packing else \
                 collate([row[0] for row in chunk], tokenizer.pad_token_id)
             micro = {k: v.to(accelerator.device) for k, v in micro.items()}
             with accelerator.autocast():
-                loss = response_nll(model, micro, num_tokens)
-            accelerator.backward(loss)
+                if mtp is None:
+                    loss = response_nll(model, micro, num_tokens)
+                else:
+                    loss, mtp_loss = response_and_mtp_nll(model, mtp, micro, num_tokens, num_mtp_tokens)
+                    total_mtp += mtp_loss.item()
+            accelerator.backward(loss if mtp is None else loss + cfg.model.mtp.weight * mtp_loss)
             total += loss.item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf")).item()
+        grad_norm = accelerator.clip_grad_norm_(trained, cfg.optim.max_grad_norm or float("inf")).item()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         metrics = {"sft/loss": total, "sft/response_tokens": float(num_tokens), "grad_norm": grad_norm,
-                   "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - started}
+                   "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - started,
+                   **({} if mtp is None else {"sft/mtp_loss": total_mtp})}
         tracker.log(metrics, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-                            sampler.state_dict(), to_yaml(cfg), keep_last_n=cfg.train.keep_last_n)
+                            sampler.state_dict(), to_yaml(cfg), keep_last_n=cfg.train.keep_last_n, mtp=mtp)
     save_model(out / "final", accelerator.unwrap_model(model), tokenizer, merged=True)
+    if mtp is not None:
+        save_mtp(out / "final", mtp, model.config)
     print(f"final model saved to {out / 'final'}")
     tracker.finish()
     return metrics

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grpo.modeling import lora
+from grpo.modeling.mtp import save_mtp
 
 LATEST = "latest"
 
@@ -85,17 +86,19 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
                     config_yaml: str, reference=None, keep_last_n: int = 0, extra: dict | None = None,
                     model_state: dict | None = None, optimizer_state: dict | None = None,
-                    move_in: dict[str, Path] | None = None) -> Path:
+                    move_in: dict[str, Path] | None = None, mtp=None) -> Path:
     """Write output_dir/checkpoint-<step> atomically, then point `latest` at it, then prune old ones.
     model_state / optimizer_state: full states gathered from sharded processes, used instead of
     model.state_dict() / optimizer.state_dict(). move_in: {name: folder} moved into the checkpoint before
-    it is complete (an engine's own state files)."""
+    it is complete (an engine's own state files). mtp: the model's MTP module, saved beside it."""
     output_dir = Path(output_dir)
     folder = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(tmp, model, tokenizer, model_state)
+    if mtp is not None:
+        save_mtp(tmp, mtp, model.config)
     if reference is not None:
         save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp / "reference.safetensors")
     optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state

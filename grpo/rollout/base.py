@@ -53,6 +53,7 @@ class Rollouts:
     sampled_mask: torch.Tensor | None = None  # [N, T] 1 on tokens the model sampled (None: all of the completion)
     transcripts: list[str] | None = None  # N whole completions, tool results included (texts: the model's own)
     tool_counts: dict[str, float] | None = None  # sums behind the tools/* metrics, over the whole batch
+    draft_counts: dict[str, int] | None = None  # speculative rollouts: drafted, accepted, forwards, tokens
 
     def select(self, rows: torch.Tensor) -> "Rollouts":
         """The rollouts at `rows` (a [K] index tensor), in that order (tool counts stay the batch's)."""
@@ -62,7 +63,7 @@ class Rollouts:
                         [self.prompts[i] for i in idx], logprobs=None if self.logprobs is None else self.logprobs[rows],
                         sampled_mask=None if self.sampled_mask is None else self.sampled_mask[rows],
                         transcripts=None if self.transcripts is None else [self.transcripts[i] for i in idx],
-                        tool_counts=self.tool_counts)
+                        tool_counts=self.tool_counts, draft_counts=self.draft_counts)
 
     @property
     def model_tokens(self) -> torch.Tensor:
@@ -101,6 +102,8 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         transcripts=[t for r in parts for t in r.transcripts] if all(r.transcripts for r in parts) else None,
         tool_counts=({k: sum(r.tool_counts.get(k, 0.0) for r in parts) for r in parts for k in r.tool_counts}
                      if all(r.tool_counts is not None for r in parts) else None),
+        draft_counts=({k: sum(r.draft_counts[k] for r in parts) for k in parts[0].draft_counts}
+                      if all(r.draft_counts is not None for r in parts) else None),
     )
 
 

@@ -63,17 +63,30 @@ class PreallocatedLayer(DynamicLayer):
         self._expose()
 
 
+def preallocate(cache, capacity: int) -> None:
+    """Turn a prefilled cache's plain layers into PreallocatedLayers of `capacity` positions (a cache with
+    layers of other kinds, sliding-window ones say, is left as it is)."""
+    if all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+        cache.layers = [PreallocatedLayer(layer.keys, layer.values, capacity) for layer in cache.layers]
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   greedy: bool = False, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row of logits [n, V], drawn from softmax(logits / temperature) -> [n].
 
     top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the smallest set of most likely tokens whose
-    probability reaches top_p. Sampling inverts the CDF with one uniform draw per row, from that row's
-    generator when `generators` are given (so a row's sample does not depend on the other rows), else
-    from torch's global RNG.
+    probability reaches top_p (`token_probs`). Sampling inverts the CDF with one uniform draw per row
+    (`draw`); greedy takes the argmax.
     """
     if greedy:
         return logits.argmax(dim=-1)
+    return draw(token_probs(logits, temperature, top_p, top_k), generators)
+
+
+def token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """The distribution [n, V] sampling draws from: softmax(logits / temperature), then top-k (keep the k most
+    likely) and top-p (keep the smallest most-likely set whose mass reaches top_p) zero the rest, unnormalised
+    after filtering (`draw` normalises by the row's total)."""
     scaled = logits.float() / temperature
     if top_k > 0:
         kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
@@ -83,13 +96,23 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already >= p
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    return probs
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """One index per row of the non-negative weights probs [n, V], with probability weight / row total: the
+    CDF inverted at one uniform draw per row, from that row's generator when `generators` are given (so a
+    row's sample does not depend on the other rows), else from torch's global RNG."""
     cdf = probs.cumsum(dim=-1)
-    if generators is None:
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device)
-    else:
-        u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generators]).unsqueeze(1)
-    u = u * cdf[:, -1:]
+    u = uniform(cdf.shape[0], cdf.device, generators).unsqueeze(1) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+
+
+def uniform(n: int, device, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """[n] uniform numbers in [0, 1), row i from generators[i] when given."""
+    if generators is None:
+        return torch.rand(n, device=device)
+    return torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
 
 
 @torch.no_grad()
@@ -117,9 +140,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                     position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
-        capacity = enc["input_ids"].shape[1] + cfg.max_completion_length
-        if all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
-            cache.layers = [PreallocatedLayer(layer.keys, layer.values, capacity) for layer in cache.layers]
+        preallocate(cache, enc["input_ids"].shape[1] + cfg.max_completion_length)
         cache.batch_repeat_interleave(G)
         logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [n, V] for the n rows still running
         attention = enc["attention_mask"].repeat_interleave(G, dim=0)  # [n, P + t]
@@ -155,10 +176,17 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
             logits, positions = out.logits[:, -1], positions + 1
     model.train(was_training)
 
+    return finish_rollouts(tokens, eos_ids, tokenizer, enc, prompts, G, sampled_logprobs, decode_rows=decode_rows)
+
+
+def finish_rollouts(tokens: torch.Tensor, eos_ids: list[int], tokenizer, enc, prompts: list[str], G: int,
+                    sampled_logprobs: torch.Tensor | None, **extra) -> Rollouts:
+    """Rollouts from decoded tokens [N, max_completion_length]: masks up to the first EOS, columns past the
+    longest completion dropped, texts decoded; `extra` fields (decode rows, draft counts) passed on."""
     mask, truncated = completion_mask(tokens, eos_ids)
     T = int(mask.sum(dim=1).max())
     tokens, mask = tokens[:, :T], mask[:, :T]
-    texts = tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(tokens.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
     return Rollouts(
         prompt_ids=enc["input_ids"].repeat_interleave(G, dim=0),
         prompt_mask=enc["attention_mask"].repeat_interleave(G, dim=0),
@@ -167,8 +195,8 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
         truncated=truncated,
         texts=texts,
         prompts=[p for p in prompts for _ in range(G)],
-        decode_rows=decode_rows,
         logprobs=None if sampled_logprobs is None else sampled_logprobs[:, :T] * mask,
+        **extra,
     )
 
 
@@ -193,16 +221,17 @@ class ToolUse:
 
 class BuiltinEngine:
     """The RolloutEngine that decodes with the policy itself (`generate`): sync_weights only points it at the
-    model, which shares the policy's memory (or is the whole-weight copy a sharded backend gathered).
+    model, which shares the policy's memory (or is the whole-weight copy a sharded backend gathered). With a
+    `drafter` (grpo.rollout.speculative) it decodes speculatively, with the same distribution.
     A model with LoRA adapters decodes with them merged into its weights when `merge_adapters`
     (grpo.modeling.lora.merged_weights; the weights are restored exactly after each call)."""
 
     startup_seconds = 0.0
 
     def __init__(self, tokenizer, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 model=None, merge_adapters: bool = False, tools: ToolUse | None = None):
+                 model=None, merge_adapters: bool = False, tools: ToolUse | None = None, drafter=None):
         self.tokenizer, self.autocast, self.model, self.merge_adapters = tokenizer, autocast, model, merge_adapters
-        self.tools = tools
+        self.tools, self.drafter = tools, drafter
 
     def sync_weights(self, model) -> None:
         self.model = model
@@ -223,5 +252,11 @@ class BuiltinEngine:
                 return generate_with_tools(self.model, self.tokenizer, prompts, sampling.n, sampling, self.tools.runner,
                                            self.tools.layout, self.tools.max_turns, greedy=sampling.greedy,
                                            autocast=self.autocast, seeds=seeds, logprobs=sampling.logprobs)
+            if self.drafter is not None:
+                from grpo.rollout.speculative import generate_speculative
+
+                return generate_speculative(self.model, self.drafter, self.tokenizer, prompts, sampling.n, sampling,
+                                            greedy=sampling.greedy, autocast=self.autocast, seeds=seeds,
+                                            logprobs=sampling.logprobs)
             return generate(self.model, self.tokenizer, prompts, sampling.n, sampling, greedy=sampling.greedy,
                             autocast=self.autocast, seeds=seeds, logprobs=sampling.logprobs)
