@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 
 from grpo.backend import Backend, Models, make_backend
 from grpo.backend.accelerator import resolved_precision
+from grpo.backend.cpu import install_cpu_kernels
 from grpo.data import PromptSampler, load_examples
 from grpo.hooks import Hooks, make_hooks
 from grpo.modeling.loading import load_tokenizer
@@ -33,6 +34,7 @@ class Run:
     scorer: Scorer  # owns reward worker processes: close() it
     engine: RolloutEngine
     hooks: Hooks
+    mtp: object | None  # model.mtp: the MTP module's hook (grpo.hooks.mtp.MTPHook), saved with the model
     startup_seconds: float  # start_run's wall time: models, data, reward checks, engine
 
 
@@ -59,18 +61,38 @@ def start_run(cfg) -> Run:
     except BaseException:
         scorer.close()
         raise
+    mtp = _start_mtp(cfg, backend, models)
+    hooks = make_hooks(models.model, cfg, backend)
+    if mtp is not None:
+        hooks.hooks.append(mtp)
     run = Run(backend, models, tokenizer, PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle),
-              eval_examples, scorer, _start_engine(cfg, tokenizer, backend), make_hooks(models.model, cfg, backend),
-              startup_seconds=0.0)
+              eval_examples, scorer, _start_engine(cfg, tokenizer, backend, mtp), hooks, mtp, startup_seconds=0.0)
     run.startup_seconds = time.perf_counter() - started
     _describe(cfg, backend, len(train_examples), dropped, len(eval_examples))
     return run
 
 
-def _start_engine(cfg, tokenizer, backend: Backend) -> RolloutEngine:
-    """The rollout engine, started from the policy's whole weights (collective when sharded)."""
+def _start_mtp(cfg, backend: Backend, models: Models):
+    """model.mtp's module (saved beside the model, or new) and the hook that trains it; None without it."""
+    if cfg.model.mtp is None:
+        return None
+    if backend.num_processes > 1:
+        raise ValueError("model.mtp runs on one process for now; launch one process")
+    from grpo.hooks.mtp import MTPHook
+    from grpo.modeling.mtp import start_mtp
+
+    module = start_mtp(cfg.model, models.model)
+    if backend.device.type == "cpu" and cfg.train.onednn_linear:
+        install_cpu_kernels(module)  # drafting runs without gradient, as decoding does
+    return MTPHook(module, cfg, backend.device)
+
+
+def _start_engine(cfg, tokenizer, backend: Backend, mtp=None) -> RolloutEngine:
+    """The rollout engine, started from the policy's whole weights (collective when sharded); with
+    rollout.speculative=mtp it drafts with the MTP module."""
     with backend.whole_model() as whole:
-        engine = make_engine(cfg, whole, tokenizer, backend.autocast)
+        engine = make_engine(cfg, whole, tokenizer, backend.autocast,
+                             mtp=None if mtp is None or cfg.rollout.speculative != "mtp" else mtp.module)
     if engine.startup_seconds:
         backend.print(f"rollout engine {cfg.rollout.engine}: started in {engine.startup_seconds:.1f} s")
     return engine

@@ -36,6 +36,7 @@ from grpo.evaluate import evaluate, format_samples
 from grpo.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from grpo.io.signals import StopRequest
 from grpo.io.tracking import NullTracker, PhaseTimer, Tracker, truncate_metrics
+from grpo.modeling.mtp import save_mtp
 from grpo.startup import Run, start_run
 
 
@@ -69,6 +70,8 @@ def _train_loop(cfg: Config, out: Path, run: Run, checkpoint: Path | None) -> di
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, models.model, models.optimizer, models.scheduler, _resettable(run, cfg),
                                 **backend.restore_hooks(checkpoint))
+        if run.mtp is not None:
+            run.mtp.load(checkpoint, state["extra"].get("mtp", {}), models.model)
         run.sampler.load_state_dict(state["data"])
         start_step = state["step"]
         backend.print(f"resumed from {checkpoint} at step {start_step}")
@@ -150,6 +153,8 @@ def _train_loop(cfg: Config, out: Path, run: Run, checkpoint: Path | None) -> di
     weights = backend.whole_weights()  # collective when sharded
     if backend.is_main_process:
         save_model(out / "final", models.model, run.tokenizer, weights, merged=True)
+        if run.mtp is not None:
+            save_mtp(out / "final", run.mtp.module, models.model.config)
         print(f"final model saved to {out / 'final'}")
     backend.barrier()
     tracker.finish()
@@ -169,8 +174,9 @@ def _save(run: Run, cfg: Config, out: Path, step: int) -> None:
         weights = states["model_state"]
         if not all(torch.isfinite(p).all() for p in (m.model.parameters() if weights is None else weights.values())):
             raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written")
+        mtp = {} if run.mtp is None else {"mtp": run.mtp.module, "extra": {"mtp": run.mtp.state_dict()}}
         save_checkpoint(out, step, m.model, run.tokenizer, m.optimizer, m.scheduler, run.sampler.state_dict(),
-                        to_yaml(cfg), _resettable(run, cfg), cfg.train.keep_last_n, **states)
+                        to_yaml(cfg), _resettable(run, cfg), cfg.train.keep_last_n, **states, **mtp)
     backend.barrier()
 
 

@@ -291,3 +291,53 @@ def test_sft_trains_the_mtp_module_and_saves_it_beside_the_model(tiny_model_dir,
     again = load_mtp(tmp_path / "run/final", lm)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mtp.state_dict().values(), again.state_dict().values()))
     assert not math.isnan(records[-1]["sft/mtp_loss"])
+
+
+def grpo_args(tiny_model_dir, length_rule, out, *extra):
+    return [str(ROOT / "configs/quickstart.yaml"), f"model.name_or_path={tiny_model_dir}",
+            f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "data.max_samples=32", "eval.path=null",
+            f"rewards=[{{fn: '{length_rule}:length_reward'}}]", "rollout.num_generations=4",
+            "rollout.max_completion_length=10", "train.prompts_per_step=2", "train.micro_batch_size=4",
+            "train.max_steps=3", "optim.lr=1e-2", "logging.wandb=disabled", "train.mixed_precision=fp32",
+            "scoring.workers=0", f"train.output_dir={out}", *extra]
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_grpo_keeps_the_mtp_module_in_step_and_the_policy_update_unchanged(tiny_model_dir, length_rule, tmp_path,
+                                                                           share_prompt):
+    from grpo.config import load_config
+    from grpo.trainer import train
+
+    share = f"train.share_prompt={str(share_prompt).lower()}"
+    args = grpo_args(tiny_model_dir, length_rule, tmp_path / "plain", share)
+    train(load_config(args[0], args[1:]))
+    assert main(["train", *grpo_args(tiny_model_dir, length_rule, tmp_path / "mtp", share, "model.mtp={lr: 1.0e-2}")]) == 0
+    a, b = load_file(tmp_path / "plain/final/model.safetensors"), load_file(tmp_path / "mtp/final/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the MTP module's training leaves the policy's update as it was
+    records = [json.loads(line) for line in (tmp_path / "mtp/metrics.jsonl").read_text().splitlines()]
+    losses = [r["mtp/loss"] for r in records if "mtp/loss" in r]
+    assert len(losses) == 3 and all(0 < loss < 2 * math.log(102) for loss in losses)  # near-random samples here
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "mtp/final")
+    trained, fresh = load_mtp(tmp_path / "mtp/final", lm), MTPModule.for_model(lm)
+    assert not torch.equal(trained.eh_proj.weight, fresh.eh_proj.weight)
+
+
+def test_grpo_with_speculative_rollouts_logs_acceptance_and_resumes_exactly(tiny_model_dir, length_rule, tmp_path):
+    import shutil
+
+    args = grpo_args(tiny_model_dir, length_rule, tmp_path / "run", "model.mtp={}", "rollout.speculative=mtp",
+                     "train.save_every=1")
+    assert main(["train", *args]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["rollout/mtp_acceptance"] <= 1 and 1 <= r["rollout/tokens_per_forward"] <= 2 for r in records)
+    assert (tmp_path / "run/checkpoint-2" / MTP_FILE).is_file()
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    shutil.rmtree(tmp_path / "again/final")
+    again = grpo_args(tiny_model_dir, length_rule, tmp_path / "again", "model.mtp={}", "rollout.speculative=mtp",
+                      "train.save_every=1")
+    assert main(["train", *again, "--resume", str(tmp_path / "again/checkpoint-2")]) == 0
+    for name in ("model.safetensors", MTP_FILE):
+        a, b = load_file(tmp_path / "run/final" / name), load_file(tmp_path / "again/final" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

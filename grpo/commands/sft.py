@@ -123,7 +123,7 @@ def response_and_mtp_nll(model, mtp, batch: dict[str, torch.Tensor], num_tokens:
                      position_ids=position_ids_from_mask(mask)).last_hidden_state
     targets = labels[:, 1:] != IGNORE
     nll = -head_logprobs(hidden[:, :-1], weight, batch["input_ids"][:, 1:], targets.long()).sum()
-    mtp_sum = mtp_loss_sum(mtp, model, hidden, batch["input_ids"], mask, (labels != IGNORE).long())
+    mtp_sum, _ = mtp_loss_sum(mtp, model, hidden, batch["input_ids"], mask, (labels != IGNORE).long())
     return nll / max(num_tokens, 1.0), mtp_sum / max(num_mtp_tokens, 1.0)
 
 

@@ -60,7 +60,7 @@ class MTPModule(torch.nn.Module):
         """A fresh module for `lm` (see the module docstring for the initialisation)."""
         decoder = check_supported(lm)
         H = lm.config.hidden_size
-        block = copy.deepcopy(decoder.layers[-1])
+        block = _plain_copy(decoder.layers[-1])
         for module in block.modules():  # its own one-layer KV cache: index 0
             if hasattr(module, "layer_idx"):
                 module.layer_idx = 0
@@ -92,6 +92,18 @@ class MTPModule(torch.nn.Module):
         out = self.block(x, attention_mask=mask, position_ids=position_ids, use_cache=cache is not None,
                          position_embeddings=rotary, **{cache_arg(self.block): cache})
         return self.shared_head.norm(out[0] if isinstance(out, tuple) else out)
+
+
+def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` without the CPU kernels a backend installed on its layers (their instance
+    forward, packed weights and the group that lists every layer of the model, which would copy the model)."""
+    installed = ("forward", "_onednn_cache", "_onednn_group")
+    memo = {id(m.__dict__["_onednn_group"]): None for m in module.modules() if "_onednn_group" in m.__dict__}
+    out = copy.deepcopy(module, memo)
+    for m in out.modules():
+        for name in installed:
+            m.__dict__.pop(name, None)
+    return out
 
 
 def check_supported(lm):
@@ -133,10 +145,10 @@ def start_mtp(model_cfg, lm) -> MTPModule:
 
 
 def mtp_loss_sum(mtp: MTPModule, lm, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 target_mask: torch.Tensor, detach_shared: bool = False) -> torch.Tensor:
-    """sum of -log p_mtp over the counted targets (`mtp_logprobs`); divide by the batch's count of them."""
+                 target_mask: torch.Tensor, detach_shared: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of -log p_mtp over the counted targets, their count) (`mtp_logprobs`)."""
     logprobs, counted = mtp_logprobs(mtp, lm, hidden, input_ids, attention_mask, target_mask, detach_shared)
-    return -(logprobs * counted).sum()
+    return -(logprobs * counted).sum(), int(counted.sum())
 
 
 def mtp_target_count(labels: list, ignore: int) -> int:
