@@ -62,7 +62,8 @@ class MTPConfig:
     module alone learns its cross-entropy on the sampled completions (the policy's update is unchanged);
     0 freezes it there."""
     lr: Optional[float] = None
-    """GRPO: learning rate of the MTP module's own AdamW; null uses optim.lr."""
+    """Learning rate of the MTP module's weights (its parameter group in `grpo sft`, its own AdamW in GRPO);
+    null uses optim.lr. A fresh module learns faster than the model it drafts for may change."""
 
 
 @dataclass(frozen=True)

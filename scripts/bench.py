@@ -19,6 +19,12 @@ tokens, and prompt + completion tokens, per second of the whole step).
     python scripts/bench.py --lora 16             # also grpo training LoRA adapters (r 16, alpha 32, all linear layers)
     python scripts/bench.py --lora 16 --lora-adapted  # and LoRA decoding through the adapters, not merged weights
     python scripts/bench.py --gradient-checkpointing  # every trainer recomputes activations in the backward
+    python scripts/bench.py --speculative runs/mtp_quickstart/sft/final   # rollouts with and without MTP drafts
+
+--speculative MODEL (a folder with an MTP module, configs/pipelines/mtp_quickstart.yaml) times rollouts alone, in
+this process, on the quickstart's held-out prompts: for each --batches size and greedy / temperature 1, the
+built-in engine without drafts, with MTP drafts (rollout.speculative: mtp), and transformers' generate (what TRL's
+GRPOTrainer samples with when it does not use vLLM), each once to warm up and then --steps timed times.
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--baseline", help="a commit: also time grpo at that commit (row grpo@<commit>), in the same "
                                       "invocation, to compare a change against it")
+    p.add_argument("--speculative", type=Path, metavar="MODEL",
+                   help="time rollouts of MODEL (with an MTP module) with and without drafts (see above)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="--speculative: prompts per rollout")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=["grpo", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -196,10 +205,85 @@ def prompt_tokens(workdir: Path) -> list[int]:
                                               add_generation_prompt=True, return_dict=True)["input_ids"]) for r in rows]
 
 
+def speculative_bench(args) -> None:
+    """--speculative: completion tokens per second of rollouts with and without MTP drafts, and of transformers'
+    generate, on the same prompts and model (its CPU kernels installed as training installs them)."""
+    import torch
+
+    from grpo.backend import load_inference_model, load_inference_mtp
+    from grpo.config import load_config
+    from grpo.data import load_examples
+    from grpo.modeling.loading import load_tokenizer
+    from grpo.rollout import BuiltinEngine, Sampling
+    from grpo.rollout.speculative import MTPDrafter
+
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs/quickstart.yaml", [f"model.name_or_path={args.speculative}", "model.mtp={}",
+                                                         "rollout.speculative=mtp"])
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_inference_model(cfg.model, cfg.train, torch.device("cpu"))
+    mtp = load_inference_mtp(cfg, cfg.model, model)
+    examples, _ = load_examples(cfg.eval.path, "train", None, cfg.data, tokenizer)
+    engines = {"grpo builtin": BuiltinEngine(tokenizer, model=model),
+               "grpo builtin + MTP drafts": BuiltinEngine(tokenizer, model=model, drafter=MTPDrafter(mtp))}
+    rows = []
+    for batch in args.batches:
+        prompts = [e["prompt"] for e in examples[:batch]]
+        for mode in ("greedy", "temperature 1"):
+            sampling = Sampling(n=1, max_completion_length=args.max_new_tokens, greedy=mode == "greedy",
+                                seeds=tuple(range(batch)))
+            for name, engine in engines.items():
+                times, tokens, counts = [], [], []
+                for i in range(args.steps + 1):
+                    started = time.perf_counter()
+                    out = engine.generate(prompts, sampling)
+                    if i:  # the first is a warm-up
+                        times.append(time.perf_counter() - started)
+                        tokens.append(int(out.completion_mask.sum()))
+                        counts.append(out.draft_counts)
+                row = {"engine": name, "batch": batch, "mode": mode, "seconds": statistics.mean(times),
+                       "tokens": statistics.mean(tokens), "tokens_per_s": sum(tokens) / sum(times)}
+                if counts[0] is not None:
+                    row["acceptance"] = sum(c["accepted"] for c in counts) / sum(c["drafted"] for c in counts)
+                    row["tokens_per_forward"] = sum(c["tokens"] for c in counts) / sum(c["forwards"] for c in counts)
+                rows.append(row)
+            rows.append(_transformers_generate(model, tokenizer, prompts, mode, args))
+            for row in rows[-3:]:
+                print(f"batch {batch:>3}  {mode:<14} {row['engine']:<36} {row['tokens_per_s']:>8.1f} tok/s  "
+                      f"{row['tokens']:>7.0f} tokens  acceptance {row.get('acceptance', float('nan')):.2f}  "
+                      f"tokens/forward {row.get('tokens_per_forward', float('nan')):.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _transformers_generate(model, tokenizer, prompts: list[str], mode: str, args) -> dict:
+    """transformers' generate on the same prompts: TRL's GRPOTrainer's rollout without vLLM."""
+    import torch
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = {"do_sample": False} if mode == "greedy" else {"do_sample": True, "temperature": 1.0, "top_k": 0,
+                                                             "top_p": 1.0}
+    times, tokens = [], []
+    for i in range(args.steps + 1):
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 **kwargs)
+        if i:
+            from grpo.rollout import completion_mask, eos_token_ids
+
+            times.append(time.perf_counter() - started)
+            tokens.append(int(completion_mask(out[:, enc["input_ids"].shape[1]:], eos_token_ids(tokenizer, model))[0].sum()))
+    return {"engine": "transformers generate (TRL's rollout)", "batch": len(prompts), "mode": mode,
+            "seconds": statistics.mean(times), "tokens": statistics.mean(tokens), "tokens_per_s": sum(tokens) / sum(times)}
+
+
 def main() -> None:
     args = parse_args()
     if args.worker:
         return worker(args)
+    if args.speculative:
+        return speculative_bench(args)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         prepare(workdir, args.prompts * (args.steps + 1))

@@ -341,3 +341,37 @@ def test_grpo_with_speculative_rollouts_logs_acceptance_and_resumes_exactly(tiny
     for name in ("model.safetensors", MTP_FILE):
         a, b = load_file(tmp_path / "run/final" / name), load_file(tmp_path / "again/final" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_eval_with_drafts_grades_what_eval_without_them_grades(tmp_path):
+    from conftest import save_tiny_model
+    from grpo.commands.evaluate import evaluate_checkpoint
+    from grpo.config import load_config
+    from grpo.modeling.mtp import MTPError
+
+    folder = save_tiny_model(tmp_path / "model")
+    args = [f"model.name_or_path={folder}", "eval.num_prompts=6", "rollout.max_completion_length=12",
+            "train.mixed_precision=fp32", "scoring.workers=0", "model.mtp={}"]
+    with pytest.raises(MTPError, match="has no MTP module"):
+        evaluate_checkpoint(load_config(ROOT / "configs/quickstart.yaml", [*args, "rollout.speculative=mtp"]), None)
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    save_mtp(folder, poor_mtp(lm), lm.config)
+    plain = evaluate_checkpoint(load_config(ROOT / "configs/quickstart.yaml", args), None)
+    drafted = evaluate_checkpoint(load_config(ROOT / "configs/quickstart.yaml", [*args, "rollout.speculative=mtp"]), None)
+    assert [s["completion"] for s in plain.samples] == [s["completion"] for s in drafted.samples]
+    assert plain.metrics == drafted.metrics
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.speculative=mtp"], "set model.mtp"),
+    (["model.mtp={layers: 2}"], "only depth 1"),
+    (["model.mtp={}", "model.lora={}"], "not with model.lora"),
+    (["model.mtp={}", "rollout.speculative=mtp", "tools=[{fn: calculator}]"], "single-turn"),
+])
+def test_mtp_settings_that_are_refused_say_what_to_change(overrides, message):
+    from grpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/quickstart.yaml", overrides)

@@ -3,13 +3,15 @@ start from the engine accelerate was launched with; the training loop only sees 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from grpo.backend.accelerator import make_accelerator
 from grpo.backend.base import Backend, Models
 from grpo.backend.cpu import install_cpu_kernels
 from grpo.backend.deepspeed import DeepSpeedBackend, is_deepspeed
 from grpo.backend.fsdp import FSDPBackend, is_sharded
 
-__all__ = ["Backend", "Models", "load_inference_model", "make_backend"]
+__all__ = ["Backend", "Models", "load_inference_model", "load_inference_mtp", "make_backend"]
 
 
 def make_backend(cfg) -> Backend:
@@ -31,3 +33,21 @@ def load_inference_model(model_cfg, train_cfg, device):
     if model.device.type == "cpu" and train_cfg.onednn_linear:
         install_cpu_kernels(model)
     return model
+
+
+def load_inference_mtp(cfg, model_cfg, model):
+    """The MTP module to draft `model`'s tokens with when cfg.rollout.speculative is mtp (saved beside the model,
+    grpo.modeling.mtp), with the CPU kernels as the model has them; None otherwise."""
+    if cfg.rollout.speculative != "mtp":
+        return None
+    from grpo.modeling.mtp import MTPError, load_mtp
+
+    folder = Path(model_cfg.name_or_path)
+    mtp = load_mtp(folder, model) if folder.is_dir() else None
+    if mtp is None:
+        raise MTPError(f"rollout.speculative=mtp: {model_cfg.name_or_path} has no MTP module (mtp.safetensors); train "
+                       "one with `grpo sft ... model.mtp={}` (configs/pipelines/mtp_quickstart.yaml), or set "
+                       "rollout.speculative=none")
+    if model.device.type == "cpu" and cfg.train.onednn_linear:
+        install_cpu_kernels(mtp)
+    return mtp

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from grpo.backend import load_inference_model
+from grpo.backend import load_inference_model, load_inference_mtp
 from grpo.backend.accelerator import make_accelerator, model_config_for
 from grpo.data import load_examples
 from grpo.evaluate import Evaluation, evaluate
@@ -22,7 +22,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None) -> Evaluation:
     examples, _ = load_examples(cfg.eval.path, cfg.eval.split, cfg.eval.num_prompts, cfg.data, tokenizer,
                                 tool_prompt(cfg, tokenizer))
     model = load_inference_model(model_cfg, cfg.train, accelerator.device)
-    engine = make_engine(cfg, model, tokenizer, accelerator.autocast)
+    engine = make_engine(cfg, model, tokenizer, accelerator.autocast,
+                         mtp=load_inference_mtp(cfg, model_cfg, model))
     scorer = Scorer(cfg.rewards, cfg.scoring)
     try:
         return evaluate(engine, examples, scorer, cfg.rollout, cfg.eval)

@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 
 from grpo.config import Config
 from grpo.data import load_examples
-from grpo.backend import load_inference_model
+from grpo.backend import load_inference_model, load_inference_mtp
 from grpo.backend.accelerator import make_accelerator, model_config_for
 from grpo.modeling.loading import load_tokenizer
 from grpo.rollout import Sampling, make_engine
@@ -51,8 +51,8 @@ def generate_dataset(cfg: Config, checkpoint: str | None = None) -> Path:
     tokenizer = load_tokenizer(model_cfg)
     examples, _ = load_examples(cfg.data.path, cfg.data.split, cfg.data.max_samples, cfg.data, tokenizer,
                                 tool_prompt(cfg, tokenizer))
-    engine = make_engine(cfg, load_inference_model(model_cfg, cfg.train, accelerator.device), tokenizer,
-                         accelerator.autocast)
+    model = load_inference_model(model_cfg, cfg.train, accelerator.device)
+    engine = make_engine(cfg, model, tokenizer, accelerator.autocast, mtp=load_inference_mtp(cfg, model_cfg, model))
     out = Path(cfg.train.output_dir) / g.output
     out.parent.mkdir(parents=True, exist_ok=True)
     sampling = {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p, "top_k": cfg.rollout.top_k,

@@ -150,8 +150,12 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
         if accelerator.num_processes > 1:
             raise ValueError("model.mtp trains on one process for now; launch one process")
         mtp = start_mtp(cfg.model, model) if checkpoint is None else load_mtp(checkpoint, model)
-    trained = [p for p in model.parameters() if p.requires_grad] + ([] if mtp is None else list(mtp.parameters()))
-    optimizer = make_optimizer(trained, cfg.optim, accelerator.device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": trained}]
+    if mtp is not None:
+        groups.append({"params": list(mtp.parameters()), "lr": cfg.model.mtp.lr or cfg.optim.lr})
+        trained = trained + groups[1]["params"]
+    optimizer = make_optimizer(groups, cfg.optim, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     sampler = PromptSampler(examples, cfg.train.seed, cfg.data.shuffle)
