@@ -1,5 +1,5 @@
 """CUDA training paths (skipped without a GPU; `scripts/gpu_check.sh` runs them): bf16 and fp16 steps, an fp16
-overflow that the gradient scaler skips, and resume with the CUDA RNG state restored."""
+overflow that the gradient scaler skips, resume with the CUDA RNG state restored, and MTP-drafted rollouts."""
 
 import json
 
@@ -74,3 +74,26 @@ def test_resume_on_cuda_repeats_the_run(args, tmp_path):
     for k in a:  # the same samples and updates; only non-deterministic CUDA reductions may differ
         torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=1e-3)
     assert [r["reward"] for r in steps(full)] == [r["reward"] for r in steps(resumed)]
+
+
+def test_mtp_drafted_rollouts_on_cuda_write_what_plain_greedy_decoding_writes(args, tmp_path):
+    """model.mtp with rollout.speculative=mtp trains on CUDA (the module kept in step), and greedy decoding with
+    its drafts equals greedy decoding without them there too."""
+    from conftest import make_model, make_tokenizer
+    from grpo.config import RolloutConfig
+    from grpo.modeling.mtp import MTPModule
+    from grpo.rollout.builtin import generate
+    from grpo.rollout.speculative import MTPDrafter, generate_speculative
+
+    run(args, tmp_path, "train.max_steps=2", "train.mixed_precision=bf16", "model.mtp={}", "rollout.speculative=mtp")
+    records = steps(tmp_path)
+    assert all("mtp/loss" in r and "rollout/mtp_acceptance" in r for r in records)
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    lm = make_model(len(tok), seed=3).cuda()
+    mtp = MTPModule.for_model(lm)
+    cfg = RolloutConfig(max_completion_length=16)
+    prompts = ["What is 1 + 2?", "Hi"]
+    plain = generate(lm, tok, prompts, 2, cfg, greedy=True)
+    drafted = generate_speculative(lm, MTPDrafter(mtp), tok, prompts, 2, cfg, greedy=True)
+    assert torch.equal(plain.completion_ids, drafted.completion_ids)
