@@ -62,9 +62,7 @@ def start_run(cfg) -> Run:
         scorer.close()
         raise
     mtp = _start_mtp(cfg, backend, models)
-    hooks = make_hooks(models.model, cfg, backend)
-    if mtp is not None:
-        hooks.hooks.append(mtp)
+    hooks = make_hooks(models.model, cfg, backend, mtp)
     run = Run(backend, models, tokenizer, PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle),
               eval_examples, scorer, _start_engine(cfg, tokenizer, backend, mtp), hooks, mtp, startup_seconds=0.0)
     run.startup_seconds = time.perf_counter() - started
