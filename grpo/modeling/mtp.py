@@ -25,6 +25,7 @@ LM at every call, so they are always the policy's current ones. Knows nothing of
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 
@@ -86,11 +87,14 @@ class MTPModule(torch.nn.Module):
             embeds, hidden = embeds.detach(), hidden.detach()
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden)], dim=-1))
         sliding = getattr(self.block, "attention_type", None) == "sliding_attention"
-        mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(
-            config=lm.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+        extra = {cache_arg(self.block): cache}
+        if "cache_position" in inspect.signature(self.block.forward).parameters:  # transformers 4.x
+            extra["cache_position"] = _cache_position(x, cache)
+        mask = _causal_mask(create_sliding_window_causal_mask if sliding else create_causal_mask, lm.config, x,
+                            attention_mask, position_ids, cache)
         rotary = lm.get_decoder().rotary_emb(x, position_ids=position_ids)
         out = self.block(x, attention_mask=mask, position_ids=position_ids, use_cache=cache is not None,
-                         position_embeddings=rotary, **{cache_arg(self.block): cache})
+                         position_embeddings=rotary, **extra)
         return self.shared_head.norm(out[0] if isinstance(out, tuple) else out)
 
 
@@ -191,6 +195,23 @@ def load_mtp(folder: str | Path, lm) -> MTPModule | None:
         raise MTPError(f"{folder}: the MTP weights do not fit {type(lm).__name__}: missing {sorted(missing)[:5]}, "
                        f"unexpected {sorted(unexpected)[:5]}")
     return mtp.to(lm.dtype)
+
+
+def _cache_position(x: torch.Tensor, cache) -> torch.Tensor:
+    past = 0 if cache is None else cache.get_seq_length()
+    return torch.arange(past, past + x.shape[1], device=x.device)
+
+
+def _causal_mask(make_mask, config, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+    """transformers' mask for these positions (what the decoder's own forward builds), whichever version's
+    argument names it takes (the cache as `cache` or `past_key_values`; 4.x: `input_embeds`, `cache_position`)."""
+    params = inspect.signature(make_mask).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
+              "inputs_embeds" if "inputs_embeds" in params else "input_embeds": x,
+              "cache" if "cache" in params else "past_key_values": cache}
+    if "cache_position" in params:
+        kwargs["cache_position"] = _cache_position(x, cache)
+    return make_mask(**kwargs)
 
 
 def _deepseek_name(key: str) -> str:
