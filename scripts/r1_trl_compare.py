@@ -12,13 +12,16 @@ model then; this trainer evaluates itself with eval.every).
     python scripts/r1_trl_compare.py --seeds 0 1 2    # -> docs/results/r1_trl.md and docs/results/r1_trl.png
     python scripts/r1_trl_compare.py --render         # the page and plot from the runs already made
 
-A run that finished (results.json beside it) is not run again. Needs TRL: `pip install -e .[bench]`.
+A run that finished (results.json beside it) is not run again; a TRL run that was stopped continues from its
+latest checkpoint (saved every step; its wall time then includes the earlier attempt's). Needs TRL:
+`pip install -e .[bench]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,15 +81,22 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
     weights = {spec["fn"]: spec["weight"] for spec in cfg["rewards"]}
     G, B = rollout["num_generations"], train["prompts_per_step"]
 
-    class Times(TrainerCallback):
-        def __init__(self):
-            self.started, self.times = None, []
+    every_eval, total = every, max_steps or train["max_steps"]
 
-        def on_step_begin(self, *a, **k):
-            self.started = time.perf_counter()
+    class KeepEvalCheckpoints(TrainerCallback):
+        """After each save (every step, the whole state, so a stopped run continues where it was): the older
+        checkpoints go, except those the held-out evaluation reads, which keep their weights only."""
 
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.started)
+        def on_save(self, args, state, control, **kwargs):
+            for folder in out.glob("checkpoint-*"):
+                step = int(folder.name.split("-")[1])
+                if step == state.global_step:
+                    continue
+                if step % every_eval and step != total:
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+                        (folder / name).unlink(missing_ok=True)
 
     config = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=G, gradient_accumulation_steps=B, num_generations=G,
@@ -96,33 +106,36 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, max_steps=max_steps or train["max_steps"], seed=seed,
         use_cpu=True,
         reward_weights=[weights["accuracy"], weights["format"]], disable_dropout=True, logging_steps=1,
-        report_to="none", save_strategy="steps", save_steps=every, save_only_model=True, bf16=False,
+        report_to="none", save_strategy="steps", save_steps=1, save_only_model=False, bf16=False,
         gradient_checkpointing=False)  # off in this trainer too
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(PIPELINE / "cold_start" / "final", dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(PIPELINE / "cold_start" / "final")
     tokenizer.padding_side = "left"
-    times = Times()
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward, format_strict], args=config,
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[times])
-    trainer.train()
-    last = out / f"checkpoint-{trainer.state.global_step}"
-    if not last.is_dir():  # the final model, when the step count is not a multiple of save_steps
-        trainer.save_model(str(last))
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[KeepEvalCheckpoints()])
+    resumed = any(out.glob("checkpoint-*/trainer_state.json"))
+    if resumed:
+        print(f"continuing from the latest checkpoint in {out}", flush=True)
+    trainer.train(resume_from_checkpoint=True if resumed else None)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     held_out = {}
-    for checkpoint in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+    evaluated = [c for c in out.glob("checkpoint-*") if int(c.name.split("-")[1]) % every == 0
+                 or int(c.name.split("-")[1]) == trainer.state.global_step]
+    for checkpoint in sorted(evaluated, key=lambda p: int(p.name.split("-")[1])):
         done = subprocess.run([sys.executable, "-m", "grpo", "eval", str(PIPELINE / "rl" / "stage_config.yaml"),
                                "--checkpoint", str(checkpoint), "logging.wandb=disabled"], cwd=ROOT, check=True,
                               capture_output=True, text=True)
         held_out[checkpoint.name.split("-")[1]] = json.loads(done.stdout)["eval/accuracy"]
     return {"seconds": time.perf_counter() - started, "reward": [h["reward"] for h in logs],
             "accuracy": [h["rewards/accuracy_reward/mean"] for h in logs],
-            "format": [h["rewards/format_strict/mean"] for h in logs], "step_time": times.times,
+            "format": [h["rewards/format_strict/mean"] for h in logs], "step_time": [h["step_time"] for h in logs],
             "held_out": held_out}
 
 
 def render(seeds: list[int], runs: Path) -> None:
+    """The page and plot: docs/results/ for the default runs folder, else inside `runs`."""
+    into = RESULTS if runs.resolve() == RUNS.resolve() else runs
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +170,7 @@ def render(seeds: list[int], runs: Path) -> None:
     left.legend()
     right.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "r1_trl.png")
+    fig.savefig(into / "r1_trl.png")
     text = ["# The R1 recipe's GRPO stage: this trainer and TRL 1.16 side by side", "",
             f"`python scripts/{Path(__file__).name}` with seeds {', '.join(map(str, seeds))}: both trainers start "
             "from the pipeline's cold-start SFT model with the rl stage's settings "
@@ -170,7 +183,7 @@ def render(seeds: list[int], runs: Path) -> None:
                      f"{s}: {mean[s - 1]:.2f} ({low[s - 1]:.2f}-{high[s - 1]:.2f})" for s in steps) + ".", "",
                  "Held-out accuracy (mean of seeds): " + ", ".join(f"step {e}: {h:.2f}" for e, h in zip(evals, held))
                  + f". Mean step {statistics.mean(t for r in runs for t in r['step_time']):.1f} s.", ""]
-    (RESULTS / "r1_trl.md").write_text("\n".join(text))
+    (into / "r1_trl.md").write_text("\n".join(text))
     print("\n".join(text))
 
 
