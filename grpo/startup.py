@@ -58,10 +58,10 @@ def start_run(cfg) -> Run:
         if cfg.scoring.probe_rows and backend.is_main_process:
             print(probe_report(scorer, train_examples[:cfg.scoring.probe_rows], tokenizer, cfg.data.path)[0])
         models = backend.prepare(micro_batches=_micro_batches(cfg, backend.num_processes))
+        mtp = _start_mtp(cfg, backend, models)
     except BaseException:
         scorer.close()
         raise
-    mtp = _start_mtp(cfg, backend, models)
     hooks = make_hooks(models.model, cfg, backend, mtp)
     run = Run(backend, models, tokenizer, PromptSampler(train_examples, cfg.train.seed, cfg.data.shuffle),
               eval_examples, scorer, _start_engine(cfg, tokenizer, backend, mtp), hooks, mtp, startup_seconds=0.0)

@@ -4,8 +4,8 @@ DeepSeek-R1's recipe. Same config, data, checkpoint and tracking code as `grpo t
 The loss is the mean negative log-likelihood over response tokens (and the EOS after them) of the whole
 batch; prompt tokens are context only. With model.mtp, lambda (model.mtp.weight) times the MTP module's loss
 (the mean over the same batch's response tokens from the third on, grpo.modeling.mtp) is added, as
-DeepSeek-V3 trains it; both are logged (sft/loss, sft/mtp_loss). Micro-batches are normalised by the batch's response-token count,
-so accumulation gives the gradient of one pass over the batch.
+DeepSeek-V3 trains it; both are logged (sft/loss, sft/mtp_loss). Micro-batches are normalised by the batch's
+response-token count, so accumulation gives the gradient of one pass over the batch.
 """
 
 from __future__ import annotations
@@ -150,6 +150,9 @@ def sft(cfg: Config, resume: bool | str = False) -> dict[str, float]:
         if accelerator.num_processes > 1:
             raise ValueError("model.mtp trains on one process for now; launch one process")
         mtp = start_mtp(cfg.model, model) if checkpoint is None else load_mtp(checkpoint, model)
+        if mtp is None:
+            raise FileNotFoundError(f"--resume: {checkpoint} has no MTP module (mtp.safetensors); it was written "
+                                    "without model.mtp, so resume without it or start a new output_dir")
     trained = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": trained}]
     if mtp is not None:
