@@ -187,7 +187,7 @@ def test_hooks_are_called_at_their_points_of_each_step(run_args, monkeypatch):
             calls.append("after_step")
             return {"hook/skipped": float(skipped)}
 
-    monkeypatch.setattr(grpo.startup, "make_hooks", lambda model, cfg, backend: Hooks([Recording()]))
+    monkeypatch.setattr(grpo.startup, "make_hooks", lambda model, cfg, backend, mtp=None: Hooks([Recording()]))
     tmp_path, args = run_args
     assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "eval.path=null", "train.micro_batch_size=4",
                  "algorithm.num_iterations=2"]) == 0
