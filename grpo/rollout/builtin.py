@@ -108,6 +108,12 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator] | None = None) -
     return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
+def sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] per row [n]: the log-prob the sampler reports (no top-k/top-p)."""
+    scaled = logits.float() / temperature
+    return scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+
+
 def uniform(n: int, device, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """[n] uniform numbers in [0, 1), row i from generators[i] when given."""
     if generators is None:
@@ -157,9 +163,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, cfg, *,
             next_tokens = next_tokens.masked_fill(finished, pad)  # rows already done only pad
             tokens[active, t] = next_tokens
             if sampled_logprobs is not None:
-                scaled = logits.float() / cfg.temperature
-                sampled_logprobs[active, t] = (scaled.gather(1, next_tokens.unsqueeze(1)).squeeze(1)
-                                               - torch.logsumexp(scaled, dim=-1))
+                sampled_logprobs[active, t] = sampled_logprob(logits, next_tokens, cfg.temperature)
             finished |= torch.isin(next_tokens, eos)
             if t == cfg.max_completion_length - 1 or finished.all():
                 break

@@ -22,8 +22,11 @@ from typing import Callable, Protocol
 
 import torch
 
-from grpo.modeling.logprobs import cache_arg, position_ids_from_mask
+from transformers.cache_utils import DynamicCache
+
+from grpo.modeling.logprobs import cache_arg, position_ids_from_mask, split_head
 from grpo.rollout.base import Rollouts, eos_token_ids
+from grpo.rollout.builtin import draw, finish_rollouts, preallocate, sampled_logprob, token_probs, uniform
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -70,10 +73,6 @@ class MTPDrafter:
         self.mtp, self.cache, self.mask = mtp, None, None
 
     def prefill(self, lm, hidden, prompt_ids, prompt_mask, repeats, capacity):
-        from transformers.cache_utils import DynamicCache
-
-        from grpo.rollout.builtin import preallocate
-
         pair_mask = prompt_mask[:, :-1] * prompt_mask[:, 1:]  # position i pairs h_i with x_{i+1}
         self.cache = DynamicCache()
         self.mtp(lm, hidden[:, :-1], prompt_ids[:, 1:], pair_mask, position_ids_from_mask(prompt_mask)[:, 1:],
@@ -99,9 +98,6 @@ def generate_speculative(model, drafter: Drafter, tokenizer, prompts: list[str],
                          seeds: list[int] | None = None, logprobs: bool = False) -> Rollouts:
     """`grpo.rollout.builtin.generate` with drafts (same arguments and result); Rollouts.draft_counts holds
     the drafts proposed and accepted, the policy's forward passes per row and the tokens they produced."""
-    from grpo.modeling.logprobs import split_head
-    from grpo.rollout.builtin import draw, finish_rollouts, preallocate, token_probs, uniform
-
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     G, eos_ids, pad, max_len = num_generations, eos_token_ids(tokenizer, model), tokenizer.pad_token_id, \
@@ -135,7 +131,7 @@ def generate_speculative(model, drafter: Drafter, tokenizer, prompts: list[str],
         length = torch.ones(N, dtype=torch.long, device=device)  # completion tokens written per row
         tokens[:, 0] = newest
         if sampled_logprobs is not None:
-            sampled_logprobs[:, 0] = _logprob(first_logits, newest, cfg.temperature)
+            sampled_logprobs[:, 0] = sampled_logprob(first_logits, newest, cfg.temperature)
         finished = torch.isin(newest, eos) | (length >= max_len)
         mtp_hidden = torch.stack([last_hidden, last_hidden], dim=1)  # [n, 2, H]: (h_{t-2}, h_{t-1})
         mtp_ids = torch.stack([newest, newest], dim=1)  # (x_{t-1}, x_t); the first column a filler here
@@ -153,7 +149,8 @@ def generate_speculative(model, drafter: Drafter, tokenizer, prompts: list[str],
                 generators = None if generators is None else [generators[i] for i in keep.tolist()]
             pair_positions = torch.stack([positions - 1, positions], dim=1)
             draft_logits = drafter.propose(model, mtp_hidden, mtp_ids, first_real, pair_positions)
-            drafts = draft_logits.argmax(dim=-1) if greedy else draw(probs(draft_logits), generators)
+            q = None if greedy else probs(draft_logits)
+            drafts = draft_logits.argmax(dim=-1) if greedy else draw(q, generators)
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 2)], dim=1)
             out = decoder(input_ids=torch.stack([newest, drafts], dim=1), attention_mask=attention,
                           position_ids=torch.stack([positions, positions + 1], dim=1), use_cache=True, **{kwarg: cache})
@@ -164,7 +161,7 @@ def generate_speculative(model, drafter: Drafter, tokenizer, prompts: list[str],
                 accepted = drafts == target
                 first = target
             else:
-                p, q = probs(logits[:, 0]), probs(draft_logits)
+                p = probs(logits[:, 0])
                 p, q = p / p.sum(dim=-1, keepdim=True), q / q.sum(dim=-1, keepdim=True)
                 accepted = accept_drafts(p, q, drafts, uniform(p.shape[0], device, generators))
                 first = torch.where(accepted, drafts, draw(residual(p, q), generators))
@@ -194,12 +191,6 @@ def generate_speculative(model, drafter: Drafter, tokenizer, prompts: list[str],
     return finish_rollouts(tokens, eos_ids, tokenizer, enc, prompts, G, sampled_logprobs, draft_counts=counts)
 
 
-def _logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature)[token] per row: what the sampler reports (no top-k/top-p)."""
-    scaled = logits.float() / temperature
-    return scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)
-
-
 def _write(tokens, sampled_logprobs, active, length, new, logits, where, temperature) -> None:
     """tokens[active[i], length[i]] = new[i] for the rows `where` is True (and their log-probs)."""
     rows = where.nonzero().squeeze(1)
@@ -207,4 +198,4 @@ def _write(tokens, sampled_logprobs, active, length, new, logits, where, tempera
         return
     tokens[active[rows], length[rows]] = new[rows]
     if sampled_logprobs is not None:
-        sampled_logprobs[active[rows], length[rows]] = _logprob(logits[rows], new[rows], temperature)
+        sampled_logprobs[active[rows], length[rows]] = sampled_logprob(logits[rows], new[rows], temperature)
