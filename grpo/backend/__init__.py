@@ -3,8 +3,6 @@ start from the engine accelerate was launched with; the training loop only sees 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from grpo.backend.accelerator import make_accelerator
 from grpo.backend.base import Backend, Models
 from grpo.backend.cpu import install_cpu_kernels
@@ -42,8 +40,7 @@ def load_inference_mtp(cfg, model_cfg, model):
         return None
     from grpo.modeling.mtp import MTPError, load_mtp
 
-    folder = Path(model_cfg.name_or_path)
-    mtp = load_mtp(folder, model) if folder.is_dir() else None
+    mtp = load_mtp(model_cfg.name_or_path, model)
     if mtp is None:
         raise MTPError(f"rollout.speculative=mtp: {model_cfg.name_or_path} has no MTP module (mtp.safetensors); train "
                        "one with `grpo sft ... model.mtp={}` (configs/pipelines/mtp_quickstart.yaml), or set "

@@ -144,8 +144,7 @@ def mtp_logprobs(mtp: MTPModule, lm, hidden: torch.Tensor, input_ids: torch.Tens
 def start_mtp(model_cfg, lm) -> MTPModule:
     """model.mtp's module for `lm`: the one saved in the model.name_or_path folder when it holds one (a model
     `grpo sft` trained with model.mtp, a DeepSeek-V3 checkpoint), else a fresh one."""
-    folder = Path(model_cfg.name_or_path).expanduser()
-    return (load_mtp(folder, lm) if folder.is_dir() else None) or MTPModule.for_model(lm)
+    return load_mtp(model_cfg.name_or_path, lm) or MTPModule.for_model(lm)
 
 
 def mtp_loss_sum(mtp: MTPModule, lm, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -175,8 +174,8 @@ def save_mtp(folder: Path, mtp: MTPModule, lm_config) -> None:
 
 def load_mtp(folder: str | Path, lm) -> MTPModule | None:
     """The MTP module saved in `folder` for `lm` (mtp.safetensors, or a DeepSeek-V3 checkpoint's MTP layer in
-    its model*.safetensors), on lm's device; None when the folder has none."""
-    folder = Path(folder)
+    its model*.safetensors), on lm's device; None when the folder has none or `folder` is no folder (a hub name)."""
+    folder = Path(folder).expanduser()
     config_file = folder / "config.json"
     if not config_file.is_file() or not json.loads(config_file.read_text()).get(CONFIG_KEY):
         return None
