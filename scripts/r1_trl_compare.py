@@ -12,14 +12,18 @@ model then; this trainer evaluates itself with eval.every).
     python scripts/r1_trl_compare.py --seeds 0 1 2    # -> docs/results/r1_trl.md and docs/results/r1_trl.png
     python scripts/r1_trl_compare.py --render         # the page and plot from the runs already made
 
-A run that finished (results.json beside it) is not run again; a TRL run that was stopped continues from its
-latest checkpoint (saved every step; its wall time then includes the earlier attempt's). Needs TRL:
+A run that finished is not run again: its results go to results.json beside it and into r1_trl.json beside the
+page (docs/results/ for the default --out), which keeps them across clones together with a hash of the SFT model
+they started from (a rerun of the pipeline must give the same model for them to count). A TRL run that was
+stopped continues from its latest checkpoint (saved every step; its wall time then includes the earlier
+attempt's). Needs TRL:
 `pip install -e .[bench]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -133,9 +137,43 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
             "held_out": held_out}
 
 
+def page_folder(runs: Path) -> Path:
+    """Where the page, plot and r1_trl.json go: docs/results/ for the default runs folder, else `runs`."""
+    return RESULTS if runs.resolve() == RUNS.resolve() else runs
+
+
+def sft_model_hash() -> str:
+    digest = hashlib.sha256()
+    with open(PIPELINE / "cold_start" / "final" / "model.safetensors", "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def finished(runs: Path) -> dict:
+    """{"grpo-0": results, ...}: the runs kept in r1_trl.json, then those in `runs` (results.json)."""
+    archive = page_folder(runs) / "r1_trl.json"
+    kept = json.loads(archive.read_text()) if archive.is_file() else {"runs": {}}
+    if kept["runs"] and kept["sft_model_sha256"] != sft_model_hash():
+        sys.exit(f"{archive} holds runs from another SFT model than {PIPELINE / 'cold_start' / 'final'} (sha256 "
+                 "differs): rerun the pipeline as it was, or delete the file to start the comparison over")
+    for folder in sorted(runs.glob("*-*")) if runs.is_dir() else []:
+        if (folder / "results.json").is_file():
+            kept["runs"][folder.name] = json.loads((folder / "results.json").read_text())
+    return kept["runs"]
+
+
+def keep(runs: Path) -> None:
+    """Write every finished run into r1_trl.json (with the SFT model's hash), so they outlive the runs folder."""
+    results = finished(runs)
+    page_folder(runs).mkdir(parents=True, exist_ok=True)
+    (page_folder(runs) / "r1_trl.json").write_text(json.dumps(
+        {"sft_model_sha256": sft_model_hash(), "runs": results}, indent=1) + "\n")
+
+
 def render(seeds: list[int], runs: Path) -> None:
-    """The page and plot: docs/results/ for the default runs folder, else inside `runs`."""
-    into = RESULTS if runs.resolve() == RUNS.resolve() else runs
+    """The page and plot (page_folder)."""
+    into = page_folder(runs)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,8 +181,8 @@ def render(seeds: list[int], runs: Path) -> None:
 
     cfg = stage_config()
     sft_accuracy = json.loads((PIPELINE / "rl" / "metrics.jsonl").read_text().splitlines()[0]).get("eval/accuracy")
-    results = {(t, s): json.loads((runs / f"{t}-{s}" / "results.json").read_text())
-               for t in ("grpo", "trl") for s in seeds if (runs / f"{t}-{s}" / "results.json").is_file()}
+    done = finished(runs)
+    results = {(t, s): done[f"{t}-{s}"] for t in ("grpo", "trl") for s in seeds if f"{t}-{s}" in done}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lines = []
     for trainer, colour in (("grpo", "tab:blue"), ("trl", "tab:orange")):
@@ -211,7 +249,7 @@ def main() -> None:
         for seed in args.seeds:
             for trainer in args.trainers:
                 out = args.out / f"{trainer}-{seed}"
-                if (out / "results.json").is_file():
+                if f"{trainer}-{seed}" in finished(args.out):
                     continue
                 print(f"--- {trainer} seed {seed} ---", flush=True)
                 if trainer == "grpo":
@@ -223,6 +261,7 @@ def main() -> None:
                                     "--eval-every", str(args.eval_every),
                                     *(["--max-steps", str(args.max_steps)] if args.max_steps else [])],
                                    cwd=ROOT, check=True)
+                keep(args.out)
     render(args.seeds, args.out)
 
 
