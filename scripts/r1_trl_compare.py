@@ -5,7 +5,8 @@ Both start from the same cold-start SFT model (the pipeline's cold_start/final, 
 (rl/stage_config.yaml): the same prompts (chat template, same user text), rewards (`accuracy` weight 1 and the
 strict `format` rule weight 0.5, the same Python functions), G, completion length, temperature, learning rate,
 beta, clip range, loss aggregation (grpo), group-scaled advantages, AdamW, gradient clipping, prompts per step,
-steps and seed. Each run is its own process. Held-out accuracy: `grpo eval` (greedy, the first 100 questions of
+steps, seed and precision (the mixed precision this trainer resolves the stage's train.mixed_precision to). Each
+run is its own process. Held-out accuracy: `grpo eval` (greedy, the first 100 questions of
 data/r1_cpu/test.jsonl, the `accuracy` rule) on each trainer's model every `--eval-every` steps (TRL saves its
 model then; this trainer evaluates itself with eval.every).
 
@@ -70,8 +71,14 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
     from rewards.format import format_reward
     from rewards.math import accuracy
 
+    from grpo.backend.accelerator import resolved_precision
+    from grpo.config import load_config
+
     cfg = stage_config()
     data, rollout, algo, optim, train = cfg["data"], cfg["rollout"], cfg["algorithm"], cfg["optim"], cfg["train"]
+    precision = resolved_precision(load_config(PIPELINE / "rl" / "stage_config.yaml").train)  # what grpo computes in
+    if precision not in ("fp32", "bf16"):
+        sys.exit(f"train.mixed_precision {precision}: the comparison runs TRL in fp32 or bf16 only")
     rows = [json.loads(line) for line in (ROOT / data["path"]).read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": data["prompt_format"].format(**row)}],
                                   "answer": row["answer"]} for row in rows])
@@ -110,7 +117,7 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, max_steps=max_steps or train["max_steps"], seed=seed,
         use_cpu=True,
         reward_weights=[weights["accuracy"], weights["format"]], disable_dropout=True, logging_steps=1,
-        report_to="none", save_strategy="steps", save_steps=1, save_only_model=False, bf16=False,
+        report_to="none", save_strategy="steps", save_steps=1, save_only_model=False, bf16=precision == "bf16",
         gradient_checkpointing=False)  # off in this trainer too
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(PIPELINE / "cold_start" / "final", dtype="float32")
