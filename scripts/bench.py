@@ -1,6 +1,7 @@
 """Time a GRPO step of this trainer and of TRL's GRPOTrainer on identical settings, in one invocation.
 
-Both load the same weights (the built-in SmolLM2-135M-Instruct, written once to a Hugging Face folder),
+Both load the same weights (the built-in SmolLM2-135M-Instruct, written once to a Hugging Face folder, or the
+model folder --model names),
 train on the same GSM8K prompts with the tokenizer's chat template and the same accuracy reward, with the
 same group size, lengths, beta, loss aggregation (grpo), AdamW settings and precision; gradient
 checkpointing is off in both unless --gradient-checkpointing turns it on in both. Each trainer runs in its own
@@ -20,6 +21,10 @@ tokens, and prompt + completion tokens, per second of the whole step).
     python scripts/bench.py --lora 16 --lora-adapted  # and LoRA decoding through the adapters, not merged weights
     python scripts/bench.py --gradient-checkpointing  # every trainer recomputes activations in the backward
     python scripts/bench.py --speculative runs/mtp_quickstart/sft/final   # rollouts with and without MTP drafts
+    python scripts/bench.py --model DIR --precision bf16   # another model folder (on a GPU: scripts/gpu_check.sh)
+
+Both trainers run on the GPU when torch sees one (this trainer through accelerate, TRL without use_cpu), else
+on the CPU.
 
 --speculative MODEL (a folder with an MTP module, configs/pipelines/mtp_quickstart.yaml) times rollouts alone, in
 this process, on the quickstart's held-out prompts: for each --batches size and greedy / temperature 1, the
@@ -33,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--speculative", type=Path, metavar="MODEL",
                    help="time rollouts of MODEL (with an MTP module) with and without drafts (see above)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="--speculative: prompts per rollout")
+    p.add_argument("--model", type=Path, help="a Hugging Face model folder to train instead of the built-in model")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=["grpo", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -77,13 +84,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prepare(workdir: Path, n_prompts: int) -> None:
-    """The shared model folder and prompt file."""
+def prepare(workdir: Path, n_prompts: int, model: Path | None) -> None:
+    """The shared model folder (a copy of `model`, else the built-in model) and prompt file."""
     from grpo.io.checkpoint import save_model
     from grpo.config import ModelConfig
     from grpo.modeling.loading import load_model, load_tokenizer
 
-    save_model(workdir / "model", load_model(ModelConfig()), load_tokenizer(ModelConfig()))
+    if model:
+        shutil.copytree(model, workdir / "model")
+    else:
+        save_model(workdir / "model", load_model(ModelConfig()), load_tokenizer(ModelConfig()))
     rows = [json.loads(line) for line in open(ROOT / "data/gsm8k/train.jsonl")][:n_prompts]
     with open(workdir / "prompts.jsonl", "w") as f:
         for row in rows:
@@ -126,6 +136,7 @@ def run_grpo(args, workdir: Path, precision: str) -> dict:
 
 
 def run_trl(args, workdir: Path, precision: str) -> dict:
+    import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -166,7 +177,8 @@ def run_trl(args, workdir: Path, precision: str) -> dict:
         gradient_accumulation_steps=args.prompts, num_generations=args.generations,
         max_completion_length=args.max_new_tokens, temperature=1.0, beta=args.beta, loss_type="grpo",
         scale_rewards="group", learning_rate=1e-6, max_grad_norm=1.0, lr_scheduler_type="constant",
-        gradient_checkpointing=args.gradient_checkpointing, bf16=precision == "bf16", use_cpu=True,
+        gradient_checkpointing=args.gradient_checkpointing, bf16=precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
         max_steps=args.steps + 1,
         logging_steps=1, report_to="none", save_strategy="no", seed=42, disable_dropout=True, shuffle_dataset=False,
     )
@@ -193,6 +205,10 @@ def run_trl(args, workdir: Path, precision: str) -> dict:
 def worker(args) -> None:
     result = (run_grpo if args.worker == "grpo" else run_trl)(args, args.workdir, args.one_precision)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
@@ -286,7 +302,7 @@ def main() -> None:
         return speculative_bench(args)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        prepare(workdir, args.prompts * (args.steps + 1))
+        prepare(workdir, args.prompts * (args.steps + 1), args.model)
         lengths = prompt_tokens(workdir)
         rows = [f"grpo+{e}" if e != "builtin" else "grpo" for e in args.engines] if "grpo" in args.trainers else []
         rows += ["grpo+lora"] if args.lora and "grpo" in args.trainers else []
@@ -324,9 +340,12 @@ def main() -> None:
 
 
 def report(args, results: dict, lengths: list[int]) -> None:
+    import torch
+
     B, G = args.prompts, args.generations
-    print(f"\nsettings: SmolLM2-135M-Instruct, {B} GSM8K prompts x {G} completions, <= {args.max_new_tokens} new "
-          f"tokens, beta {args.beta}, loss grpo, AdamW lr 1e-6, gradient checkpointing "
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"\nsettings: {args.model or 'SmolLM2-135M-Instruct'} on {where}, {B} GSM8K prompts x {G} completions, "
+          f"<= {args.max_new_tokens} new tokens, beta {args.beta}, loss grpo, AdamW lr 1e-6, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}; "
           f"1 warm-up + {args.steps} timed steps")
     width = max(9, *(len(trainer) + 1 for trainer, _ in results))
@@ -353,7 +372,8 @@ def report(args, results: dict, lengths: list[int]) -> None:
                "startup_s": r["startup_s"],
                "generated_tokens_per_s": generated / step, "trained_tokens_per_s": trained / step,
                "peak_rss_mb": r["peak_rss_mb"], "loss": statistics.mean(r["loss"]),
-               "kl": statistics.mean(kl) if kl else None, "speedup_vs_trl": speedup, "rss_vs_trl": rss_ratio}
+               "kl": statistics.mean(kl) if kl else None, "speedup_vs_trl": speedup, "rss_vs_trl": rss_ratio,
+               "peak_gpu_mb": r.get("peak_gpu_mb")}
         rows.append(row)
         print(f"{trainer:<{width}}{precision:<10}{step:>8.1f}{rollout:>10.1f}{row['rollout_tokens_per_s']:>14.1f}"
               f"{push:>8.2f}{r['startup_s'] or float('nan'):>11.1f}{row['generated_tokens_per_s']:>11.1f}"
@@ -366,6 +386,9 @@ def report(args, results: dict, lengths: list[int]) -> None:
     for (trainer, precision), r in results.items():
         if r.get("phases"):
             print(f"{trainer} {precision} phases: " + ", ".join(f"{k[5:]} {v:.1f}s" for k, v in r["phases"].items()))
+    for row in rows:
+        if row["peak_gpu_mb"] is not None:
+            print(f"{row['trainer']} {row['precision']}: peak GPU memory {row['peak_gpu_mb']:.0f} MB (torch's allocator)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

