@@ -4,7 +4,8 @@ Both start from the same cold-start SFT model (the pipeline's cold_start/final, 
 `python scripts/learning_numbers.py r1`) and use the rl stage's settings as the pipeline wrote them
 (rl/stage_config.yaml): the same prompts (chat template, same user text), rewards (`accuracy` weight 1 and the
 strict `format` rule weight 0.5, the same Python functions), G, completion length, temperature, learning rate,
-beta, clip range, loss aggregation (grpo), group-scaled advantages, AdamW, gradient clipping, prompts per step,
+beta, clip range, loss aggregation (grpo), group-scaled advantages, AdamW with betas (0.9, 0.999) (TRL's
+defaults; the pipeline's rl stage uses 0.99), gradient clipping, prompts per step,
 steps, seed and precision (the mixed precision this trainer resolves the stage's train.mixed_precision to). Each
 run is its own process. Held-out accuracy: `grpo eval` (greedy, the first 100 questions of
 data/r1_cpu/test.jsonl, the `accuracy` rule) on each trainer's model every `--eval-every` steps (TRL saves its
@@ -39,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "runs" / "numbers" / "r1_cpu"
 RUNS = ROOT / "runs" / "numbers" / "r1_trl"  # --out
 RESULTS = ROOT / "docs" / "results"
+# AdamW's betas in both trainers: TRL's defaults, which the stage's (0.9, 0.99) differ from; set explicitly in both
+ADAM_BETAS = (0.9, 0.999)
 
 
 def stage_config() -> dict:
@@ -54,7 +57,8 @@ def run_grpo(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
     fewer = [f"train.max_steps={max_steps}"] if max_steps else []
     subprocess.run([sys.executable, "-m", "grpo", "train", str(PIPELINE / "rl" / "stage_config.yaml"),
                     f"train.seed={seed}", f"train.output_dir={out}", f"eval.every={every}", "logging.wandb=disabled",
-                    *fewer], cwd=ROOT, check=True, capture_output=True)
+                    f"optim.adam_beta1={ADAM_BETAS[0]}", f"optim.adam_beta2={ADAM_BETAS[1]}", *fewer],
+                   cwd=ROOT, check=True, capture_output=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {"seconds": time.perf_counter() - started,
@@ -113,7 +117,8 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
         output_dir=str(out), per_device_train_batch_size=G, gradient_accumulation_steps=B, num_generations=G,
         max_completion_length=rollout["max_completion_length"], temperature=rollout["temperature"],
         beta=algo["beta"], epsilon=algo["epsilon"], loss_type=algo["loss_type"], scale_rewards="group",
-        learning_rate=optim["lr"], weight_decay=optim["weight_decay"], max_grad_norm=optim["max_grad_norm"],
+        learning_rate=optim["lr"], adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
+        weight_decay=optim["weight_decay"], max_grad_norm=optim["max_grad_norm"],
         lr_scheduler_type="constant", warmup_steps=0, max_steps=max_steps or train["max_steps"], seed=seed,
         use_cpu=True,
         reward_weights=[weights["accuracy"], weights["format"]], disable_dropout=True, logging_steps=1,
@@ -220,7 +225,8 @@ def render(seeds: list[int], runs: Path) -> None:
             f"`python scripts/{Path(__file__).name}` with seeds {', '.join(map(str, seeds))}: both trainers start "
             "from the pipeline's cold-start SFT model with the rl stage's settings "
             f"({cfg['train']['max_steps']} steps, {cfg['train']['prompts_per_step']} prompts x "
-            f"{cfg['rollout']['num_generations']} completions, lr {cfg['optim']['lr']}, beta {cfg['algorithm']['beta']}).",
+            f"{cfg['rollout']['num_generations']} completions, lr {cfg['optim']['lr']}, beta {cfg['algorithm']['beta']}, "
+            f"AdamW betas {ADAM_BETAS} in both).",
             "", "![reward and held-out accuracy](r1_trl.png)", ""]
     for label, runs, steps, mean, low, high, evals, held in lines:
         text += [f"## {label}", "",
