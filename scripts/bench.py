@@ -203,10 +203,10 @@ def run_trl(args, workdir: Path, precision: str) -> dict:
 
 
 def worker(args) -> None:
-    result = (run_grpo if args.worker == "grpo" else run_trl)(args, args.workdir, args.one_precision)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import torch
 
+    result = (run_grpo if args.worker == "grpo" else run_trl)(args, args.workdir, args.one_precision)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("BENCH_RESULT " + json.dumps(result), flush=True)

