@@ -232,7 +232,8 @@ class AlgorithmConfig:
     """DeepSeek-V3.2's off-policy sequence masking: completions with a negative advantage whose mean
     log-ratio old - current exceeds this contribute no policy gradient; null disables."""
     kl_is_correction: bool = False
-    """DeepSeek-V3.2's importance-corrected KL: each token's KL estimate times sg(pi_theta / pi_old)."""
+    """DeepSeek-V3.2's importance-corrected KL: each token's KL estimate times pi_theta / pi_old, differentiated,
+    so the KL term's gradient is that of KL(pi_theta || pi_ref) (k3 alone gives that of KL(pi_ref || pi_theta))."""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """Where beta * KL goes: a term of the loss per token, or subtracted from each completion's reward."""
     ref_reset_every: int = 0

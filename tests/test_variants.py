@@ -151,7 +151,7 @@ def test_importance_corrected_kl_by_hand():
     loss, metrics = policy_loss(lp, torch.tensor([[-1.5]]), torch.zeros(1), ONE, kl_is_correction=True, **kw)
     (grad,) = torch.autograd.grad(loss, lp)
     assert loss.item() == pytest.approx(math.exp(-1) * math.exp(0.5))
-    assert grad.item() == pytest.approx((1 - math.exp(-1)) * math.exp(0.5))  # rho is not differentiated
+    assert grad.item() == pytest.approx(math.exp(0.5))  # rho * (k3 + d k3) = rho * log(pi / pi_ref), rho differentiated
     assert metrics["kl"] == pytest.approx(math.exp(-1))  # the logged KL is the estimate itself
     plain, _ = policy_loss(lp, torch.tensor([[-1.5]]), torch.zeros(1), ONE, **kw)
     assert plain.item() == pytest.approx(math.exp(-1))

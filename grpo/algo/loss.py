@@ -212,7 +212,10 @@ def policy_loss(
       micro-batch; q = 0 changes nothing.
     - off_policy_mask_threshold delta (DeepSeek-V3.2): a completion with A_i < 0 and
       mean_t(old_logprobs - logprobs) > delta contributes 0. None disables.
-    kl_is_correction (DeepSeek-V3.2): each token's KL estimate is multiplied by sg(exp(logprobs - old_logprobs)).
+    kl_is_correction (DeepSeek-V3.2): each token's KL estimate is multiplied by rho = exp(logprobs - old_logprobs),
+      differentiated: with samples from pi_old, E[grad(rho * k3)] = grad KL(pi_theta || pi_ref), the KL the
+      penalty means; without it (or with rho detached) E[grad k3] = grad KL(pi_ref || pi_theta), the other KL.
+      On-policy rho = 1 but its gradient rho * grad logprobs is not 0, so this changes the update even there.
 
     Worked example (on-policy, beta 0, grpo): ratio = 1 everywhere, so the loss is -mean_i(A_i); with
     A = [1, -1, 2] and any mask with a token in each row, loss = -2/3.
@@ -262,7 +265,7 @@ def policy_loss(
         kl = kl_per_token(logprobs, ref_logprobs, kl_estimator)
         metrics["kl"] = _masked_mean(kl.detach(), mask)
         if kl_is_correction:
-            kl = kl * torch.exp(logprobs - old_logprobs).detach()
+            kl = kl * torch.exp(logprobs - old_logprobs)
         per_token = per_token + beta * kl
 
     tokens = mask.sum().item() if num_tokens is None else num_tokens
