@@ -15,8 +15,9 @@ model then; this trainer evaluates itself with eval.every).
     python scripts/r1_trl_compare.py --render         # the page and plot from the runs already made
 
 A run that finished is not run again: its results go to results.json beside it and into r1_trl.json beside the
-page (docs/results/ for the default --out), which keeps them across clones together with a hash of the SFT model
-they started from (a rerun of the pipeline must give the same model for them to count). A TRL run that was
+page (docs/results/ for the default --out), which keeps them across clones together with hashes of the SFT model
+they started from and of the stage's settings (a rerun of the pipeline must give the same model, and the
+settings must be the same, for them to count). A TRL run that was
 stopped continues from its latest checkpoint (saved every step; its wall time then includes the earlier
 attempt's). Needs TRL:
 `pip install -e .[bench]`.
@@ -155,6 +156,15 @@ def page_folder(runs: Path) -> Path:
     return RESULTS if runs.resolve() == RUNS.resolve() else runs
 
 
+def stage_settings() -> str:
+    """sha256 of the GRPO stage's settings both trainers take (rl/stage_config.yaml without its paths, and the
+    AdamW betas): runs made with other settings do not count."""
+    cfg = stage_config()
+    cfg["model"].pop("name_or_path")
+    cfg["train"].pop("output_dir")
+    return hashlib.sha256(json.dumps([cfg, ADAM_BETAS], sort_keys=True).encode()).hexdigest()
+
+
 @functools.cache  # the SFT model does not change while the script runs; finished() asks before every run
 def sft_model_hash() -> str:
     digest = hashlib.sha256()
@@ -171,6 +181,9 @@ def finished(runs: Path) -> dict:
     if kept["runs"] and kept["sft_model_sha256"] != sft_model_hash():
         sys.exit(f"{archive} holds runs from another SFT model than {PIPELINE / 'cold_start' / 'final'} (sha256 "
                  "differs): rerun the pipeline as it was, or delete the file to start the comparison over")
+    if kept["runs"] and kept.get("stage_settings_sha256") != stage_settings():
+        sys.exit(f"{archive} holds runs made with other GRPO settings than {PIPELINE / 'rl' / 'stage_config.yaml'} "
+                 "(or ADAM_BETAS): restore them, or delete the file to start the comparison over")
     for folder in sorted(runs.glob("*-*")) if runs.is_dir() else []:
         if (folder / "results.json").is_file():
             kept["runs"][folder.name] = json.loads((folder / "results.json").read_text())
@@ -182,7 +195,8 @@ def keep(runs: Path) -> None:
     results = finished(runs)
     page_folder(runs).mkdir(parents=True, exist_ok=True)
     (page_folder(runs) / "r1_trl.json").write_text(json.dumps(
-        {"sft_model_sha256": sft_model_hash(), "runs": results}, indent=1) + "\n")
+        {"sft_model_sha256": sft_model_hash(), "stage_settings_sha256": stage_settings(), "runs": results},
+        indent=1) + "\n")
 
 
 def render(seeds: list[int], runs: Path) -> None:

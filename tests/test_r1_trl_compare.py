@@ -1,0 +1,55 @@
+"""scripts/r1_trl_compare.py keeps finished runs only for the SFT model and GRPO settings they were made with."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+
+@pytest.fixture
+def compare(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("r1_trl_compare", ROOT / "scripts" / "r1_trl_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "rl").mkdir(parents=True)
+    (pipeline / "cold_start" / "final").mkdir(parents=True)
+    (pipeline / "cold_start" / "final" / "model.safetensors").write_bytes(b"weights")
+    (pipeline / "rl" / "stage_config.yaml").write_text(yaml.safe_dump(
+        {"model": {"name_or_path": str(pipeline / "cold_start" / "final")}, "optim": {"lr": 1e-5},
+         "train": {"output_dir": str(pipeline / "rl"), "seed": 42}}))
+    monkeypatch.setattr(module, "PIPELINE", pipeline)
+    runs = tmp_path / "runs"
+    (runs / "grpo-0").mkdir(parents=True)
+    (runs / "grpo-0" / "results.json").write_text(json.dumps({"reward": [0.5]}))
+    return module, pipeline, runs
+
+
+def test_runs_are_kept_and_refused_when_the_model_or_the_settings_change(compare):
+    module, pipeline, runs = compare
+    module.keep(runs)
+    (runs / "grpo-0" / "results.json").unlink()  # from now on only the archive holds the run
+    assert module.finished(runs) == {"grpo-0": {"reward": [0.5]}}
+
+    config = pipeline / "rl" / "stage_config.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["train"]["output_dir"] = "elsewhere"  # paths do not count
+    config.write_text(yaml.safe_dump(settings))
+    assert module.finished(runs) == {"grpo-0": {"reward": [0.5]}}
+
+    settings["optim"]["lr"] = 2e-5
+    config.write_text(yaml.safe_dump(settings))
+    with pytest.raises(SystemExit, match="other GRPO settings"):
+        module.finished(runs)
+    settings["optim"]["lr"] = 1e-5
+    config.write_text(yaml.safe_dump(settings))
+
+    (pipeline / "cold_start" / "final" / "model.safetensors").write_bytes(b"other weights")
+    module.sft_model_hash.cache_clear()
+    with pytest.raises(SystemExit, match="another SFT model"):
+        module.finished(runs)
