@@ -218,59 +218,22 @@ def test_builtin_engine_log_probs_agree_so_rollout_correction_is_a_no_op(run_arg
     assert all(torch.equal(finals["none"][k], finals["token_mask"][k]) for k in finals["none"])
 
 
-def test_one_step_equals_plain_pytorch_grpo_on_the_same_rollouts(run_args, tiny_model_dir, monkeypatch):
-    """A whole `grpo train` step as the trainer runs it (its sampler, backend, oneDNN layers, shared prompts,
-    micro-batches, fused AdamW, clipping) against GRPO written out in plain PyTorch on the rollouts it sampled:
-    A_i = (r_i - mean_g) / (std_g + 1e-4) (unbiased std of the group), loss = -1/N sum_i (1/|o_i|) sum_t A_i
-    (on-policy, ratio 1, beta 0), log-probs from the model's logits / T, clip_grad_norm_, AdamW (per parameter)."""
-    import grpo.algo.update
-    import grpo.trainer
+def test_one_step_equals_plain_pytorch_grpo_on_the_same_rollouts(run_args):
+    """scripts/step_check.py: a whole `grpo train` step as the trainer runs it (its sampler, backend, oneDNN
+    layers, shared prompts, micro-batches, fused AdamW, clipping, weight decay) against GRPO written out in plain
+    PyTorch on the rollouts it sampled (the formulas are in the script's docstring)."""
+    import importlib.util
 
-    seen = {}
-    plain_update, plain_accumulate = grpo.trainer.update, grpo.algo.update.accumulate_gradients
-
-    def recording_update(models, batch, cfg, backend, hooks):
-        seen["batch"], seen["before"] = batch, {k: v.clone() for k, v in models.model.state_dict().items()}
-        metrics = plain_update(models, batch, cfg, backend, hooks)
-        seen["after"] = {k: v.clone() for k, v in models.model.state_dict().items()}
-        return metrics
-
-    def recording_accumulate(policy, *args, **kwargs):
-        metrics = plain_accumulate(policy, *args, **kwargs)
-        seen["grads"] = {n: p.grad.clone() for n, p in policy.named_parameters()}
-        return metrics
-
-    monkeypatch.setattr(grpo.trainer, "update", recording_update)
-    monkeypatch.setattr(grpo.algo.update, "accumulate_gradients", recording_accumulate)
+    spec = importlib.util.spec_from_file_location("step_check", ROOT / "scripts" / "step_check.py")
+    step_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_check)
     tmp_path, args = run_args
-    assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "train.max_steps=1", "eval.path=null",
-                 "train.prompts_per_step=4",
-                 "optim.max_grad_norm=0.05", "optim.weight_decay=0.01"]) == 0
-    batch, G, T = seen["batch"], 4, 1.0
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.load_state_dict(seen["before"])
-    rewards = batch.rewards.view(-1, G)
-    advantages = ((rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + 1e-4)).flatten()
-    torch.testing.assert_close(batch.advantages, advantages)
-    ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-    attention = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    P, mask = batch.prompt_ids.shape[1], batch.completion_mask.float()
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, P - 1:-1] / T
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-    ratio = torch.exp(logprobs - logprobs.detach())
-    loss = -((ratio * advantages.unsqueeze(1) * mask).sum(dim=1) / mask.sum(dim=1)).mean()
-    loss.backward()
-    embedding = next(k for k in seen["grads"] if k.endswith("model.embed_tokens.weight"))
-    prefix = embedding[:-len("model.embed_tokens.weight")]  # the trainer's policy wraps the causal LM
-    assert len(seen["grads"]) == len(list(model.parameters()))
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(seen["grads"][prefix + name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-    assert norm > 0.05  # the clipping is exercised
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, foreach=False)
-    optimizer.step()
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(seen["after"][name], value, atol=1e-5, rtol=0, msg=name)
+    seen, cfg = step_check.record_one_step(str(ROOT / "configs/quickstart.yaml"), [
+        *args, "train.prompts_per_step=4", "optim.max_grad_norm=0.05", "optim.weight_decay=0.01"])
+    assert seen["batch"].advantages.abs().sum() > 0 and cfg.train.micro_batch_size < 16  # 4 micro-batches
+    result = step_check.compare(seen, cfg)
+    assert result["advantages"] < 1e-6
+    assert result["grad_norm"] > 0.05  # the clipping is exercised
+    assert max(relative for relative, _ in result["grads"].values()) < 1e-5
+    assert max(result["weights"].values()) < 1e-5
     assert any(not torch.equal(seen["before"][k], seen["after"][k]) for k in seen["after"])
