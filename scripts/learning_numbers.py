@@ -420,10 +420,13 @@ def r1(args) -> None:
             rows.append((f"{name}: samples from the {stage['model']} model, the best right one in R1's layout "
                          f"kept for {kept} of {stage_cfg['data']['max_samples']} training questions", None,
                          done["seconds"]))
-        else:  # sft
-            rows.append((f"{name}: SFT on {stage_cfg['data']['max_samples']} traces, "
-                         f"{stage_cfg['train']['max_steps']} steps of {stage_cfg['sft']['batch_size']} "
-                         "(its model is evaluated in the row below)", None, done["seconds"]))
+        else:  # sft: on the traces, or on an earlier stage's samples (`data: stage`)
+            source = (f"SFT of the {stage['model']} model on the {stage['data']} stage's "
+                      f"{len((ROOT / stage_cfg['data']['path']).read_text().splitlines())} samples" if "data" in stage
+                      else f"SFT on {stage_cfg['data']['max_samples']} traces")
+            rows.append((f"{name}: {source}, {stage_cfg['train']['max_steps']} steps of "
+                         f"{stage_cfg['sft']['batch_size']} (its model is evaluated in the row below)", None,
+                         done["seconds"]))
     total = sum(r[2] or 0 for r in rows)
 
     def eval_cells(r: dict | None) -> str:  # accuracy, format, true working lines, length; blank without an eval

@@ -250,6 +250,26 @@ def render(seeds: list[int], runs: Path) -> None:
                      f"{s}: {mean[s - 1]:.2f} ({low[s - 1]:.2f}-{high[s - 1]:.2f})" for s in steps) + ".", "",
                  "Held-out accuracy (mean of seeds): " + ", ".join(f"step {e}: {h:.2f}" for e, h in zip(evals, held))
                  + f". Mean step {statistics.mean(t for r in runs for t in r['step_time']):.1f} s.", ""]
+    ours = [r for (t, _), r in results.items() if t == "grpo"]
+    theirs = [r for (t, _), r in results.items() if t == "trl"]
+    if len(ours) > 1 and len(theirs) > 1:
+        differences = []
+        for i in range(min(len(r["reward"]) for r in ours + theirs)):
+            a, b = [r["reward"][i] for r in ours], [r["reward"][i] for r in theirs]
+            error = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+            differences.append(f"{i + 1}: {statistics.mean(a) - statistics.mean(b):+.2f} ({2 * error:.2f})")
+        text += ["## The difference by step", "", "Mean reward of this trainer's seeds minus TRL's, and in brackets "
+                 "twice its standard error (sqrt(var_a / n_a + var_b / n_b) over the seeds): " + ", ".join(differences)
+                 + ".", ""]
+    evals = sorted({int(e) for r in results.values() for e in r["held_out"]} - {0})
+    text += ["## Each run", "", f"Held-out accuracy by step (step 0, the SFT model: {sft_accuracy:.2f}).", "",
+             "| trainer | seed | " + " | ".join(f"step {e}" for e in evals) + " | mean reward, steps 1-"
+             f"{cfg['train']['max_steps']} |", "|---|---|" + "---|" * (len(evals) + 1)]
+    for (trainer, seed), r in sorted(results.items()):
+        cells = [f"{r['held_out'][str(e)]:.2f}" if str(e) in r["held_out"] else "-" for e in evals]
+        text.append(f"| {'this trainer' if trainer == 'grpo' else 'TRL 1.16'} | {seed} | {' | '.join(cells)} | "
+                    f"{statistics.mean(r['reward']):.2f} |")
+    text.append("")
     (into / "r1_trl.md").write_text("\n".join(text))
     print("\n".join(text))
 

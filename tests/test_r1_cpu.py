@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -73,7 +74,8 @@ def test_the_pipeline_runs_end_to_end_on_a_tiny_model_in_two_rl_steps(tiny_model
                  "train.prompts_per_step=8", "train.micro_batch_size=16", "train.mixed_precision=fp32",
                  "eval.num_prompts=4", "eval.batch_size=4", "scoring.workers=0", "logging.wandb=disabled",
                  "stages.cold_start.train.max_steps=2", "stages.rl.train.max_steps=2",
-                 "stages.rejection.data.max_samples=8"]) == 0
+                 "stages.rejection.data.max_samples=8", "stages.sft2.train.max_steps=1", "stages.rl2.train.max_steps=2",
+                 "stages.rejection.generate.threshold=0.0"]) == 0  # a random model earns 0: keep its samples
     stages = [s["name"] for s in yaml.safe_load((ROOT / "configs/pipelines/r1_cpu.yaml").read_text())["stages"]]
     for stage in stages:
         assert (out / stage / "DONE").is_file(), stage
@@ -82,5 +84,13 @@ def test_the_pipeline_runs_end_to_end_on_a_tiny_model_in_two_rl_steps(tiny_model
     rl = [json.loads(line) for line in (out / "rl/metrics.jsonl").read_text().splitlines()]
     assert any("reward/format" in r for r in rl) and any("eval/reward/format" in r for r in rl)
     assert max(r["step"] for r in rl) == 2
-    kept = (out / "rejection/generated.jsonl").read_text().splitlines()
-    assert all(json.loads(line)["reward"] >= 1.5 for line in kept)  # right answer in R1's layout, or nothing
+    kept = [json.loads(line) for line in (out / "rejection/generated.jsonl").read_text().splitlines()]
+    assert 0 < len(kept) <= 8 and all(Path(row["model"]) == out / "rl" / "final" for row in kept)
+    sft2 = yaml.safe_load((out / "sft2/stage_config.yaml").read_text())
+    assert (sft2["model"]["name_or_path"], sft2["data"]["path"]) == (str(out / "rl/final"),
+                                                                    str(out / "rejection/generated.jsonl"))
+    rl2 = [json.loads(line) for line in (out / "rl2/metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rl2) == 2
+    assert yaml.safe_load((out / "rl2/stage_config.yaml").read_text())["model"]["name_or_path"] == str(out / "sft2/final")
+    config = yaml.safe_load((ROOT / "configs/pipelines/r1_cpu.yaml").read_text())
+    assert config["generate"]["threshold"] == 1.5  # in the real run: a right answer (1) in R1's layout (0.5)
