@@ -18,6 +18,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character, plus <|im_start|> and <|im_end|> (which is both EOS and pad, as in SmolLM2)."""
     specials = ["<|im_end|>", "<|im_start|>"]

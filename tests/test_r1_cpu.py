@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 from grpo.commands.cli import main
 from rewards.format import format_reward
@@ -22,10 +21,7 @@ DATA = ROOT / "data/r1_cpu"
 
 
 def _traces_module():
-    spec = importlib.util.spec_from_file_location("make_r1_traces", ROOT / "scripts/make_r1_traces.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_r1_traces")
 
 
 def _rows(name: str) -> list[dict]:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import load_script
 
 
 @pytest.fixture
 def compare(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("r1_trl_compare", ROOT / "scripts" / "r1_trl_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("r1_trl_compare")
     pipeline = tmp_path / "pipeline"
     (pipeline / "rl").mkdir(parents=True)
     (pipeline / "cold_start" / "final").mkdir(parents=True)

@@ -276,14 +276,10 @@ def test_sft_on_tool_traces_tokenizes_like_a_rollout_and_does_not_train_on_resul
 
 
 def test_the_cold_start_traces_are_what_a_rollout_with_the_calculator_writes():
-    import importlib.util
-
-    from conftest import ROOT
+    from conftest import ROOT, load_script
     from rewards.math import accuracy
 
-    spec = importlib.util.spec_from_file_location("make_tool_traces", ROOT / "scripts/make_tool_traces.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_tool_traces")
     text = module.trace(347, 28)
     call_end = text.index("</tool_call>") + len("</tool_call>")
     call = parse_calls(text[:call_end])[0]

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.commands.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 @pytest.fixture
 def run_args(tiny_model_dir, length_rule, tmp_path):
@@ -148,7 +148,6 @@ def test_runs_with_different_precisions_in_one_process(run_args):
     tmp_path, args = run_args
     for precision in ["fp32", "bf16", "fp32"]:
         assert main(["train", str(ROOT / "configs/quickstart.yaml"), *args, "train.max_steps=1", "eval.path=null",
-                 "train.prompts_per_step=4",
                      "train.save_every=0", f"train.mixed_precision={precision}",
                      f"train.output_dir={tmp_path / precision}"]) == 0
 
@@ -222,11 +221,7 @@ def test_one_step_equals_plain_pytorch_grpo_on_the_same_rollouts(run_args):
     """scripts/step_check.py: a whole `grpo train` step as the trainer runs it (its sampler, backend, oneDNN
     layers, shared prompts, micro-batches, fused AdamW, clipping, weight decay) against GRPO written out in plain
     PyTorch on the rollouts it sampled (the formulas are in the script's docstring)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("step_check", ROOT / "scripts" / "step_check.py")
-    step_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_check)
+    step_check = load_script("step_check")
     tmp_path, args = run_args
     seen, cfg = step_check.record_one_step(str(ROOT / "configs/quickstart.yaml"), [
         *args, "train.prompts_per_step=4", "optim.max_grad_norm=0.05", "optim.weight_decay=0.01"])

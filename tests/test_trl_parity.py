@@ -5,8 +5,9 @@ the same advantages, pi_old (perturbed so that some ratios are clipped) and pi_r
 accumulate_gradients and TRL's GRPOTrainer._compute_loss give the same loss and the same gradient for every
 parameter, for each loss aggregation both implement, with and without the KL term (k3, and k3 times the
 differentiated importance ratio: TRL's use_bias_correction_kl, this trainer's kl_is_correction) and with
-asymmetric clipping. Both run in fp32 (TRL's bf16 default off). The rest of a step (group-scaled advantages, AdamW, gradient clipping) is shared code or tested by
-hand in test_advantages.py; sampling is tested in test_rollout.py.
+asymmetric clipping. Both run in fp32 (TRL's bf16 default off). The rest of a step (group-scaled advantages,
+AdamW, gradient clipping) is checked against plain PyTorch by scripts/step_check.py (tests/test_train.py);
+sampling is tested in test_rollout.py.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def trl_trainer(model, tokenizer, tmp_path, loss_type, beta, epsilon_high, kl_is
 
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                           temperature=0.8, max_completion_length=7, loss_type=loss_type, beta=beta, epsilon=0.2,
-                          epsilon_high=epsilon_high, use_bias_correction_kl=kl_is_correction, use_cpu=True, bf16=False, report_to="none",
-                          model_init_kwargs={"dtype": "float32"})
+                          epsilon_high=epsilon_high, use_bias_correction_kl=kl_is_correction, use_cpu=True,
+                          bf16=False, report_to="none", model_init_kwargs={"dtype": "float32"})
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[lambda completions, **kwargs: [0.0] * len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * 4),
                               processing_class=tokenizer)
