@@ -69,7 +69,11 @@ def run_grpo(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
             "held_out": {str(r["step"]): r["eval/accuracy"] for r in records if "eval/accuracy" in r}}
 
 
-def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
+def run_trl(seed: int, every: int, out: Path, max_steps: int | None, record: Path | None = None) -> dict:
+    """One TRL run; with `record`, each step's batch (prompt and completion tokens, masks, advantages, the
+    questions and answers) goes to record/step-K.pt and every step's model weights are kept
+    (scripts/r1_trl_replay.py feeds them to this trainer)."""
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -109,11 +113,23 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
                 step = int(folder.name.split("-")[1])
                 if step == state.global_step:
                     continue
-                if step % every_eval and step != total:
+                if step % every_eval and step != total and record is None:
                     shutil.rmtree(folder, ignore_errors=True)
                 else:
                     for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
                         (folder / name).unlink(missing_ok=True)
+
+    class RecordingTrainer(GRPOTrainer):
+        """GRPOTrainer that writes each generation batch to `record` (one per optimizer step here)."""
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            record.mkdir(parents=True, exist_ok=True)
+            kept = {k: output[k].cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                                                 "advantages")}
+            kept.update(prompts=[x["prompt"][-1]["content"] for x in inputs], answers=[x["answer"] for x in inputs])
+            torch.save(kept, record / f"step-{self.state.global_step + 1}.pt")
+            return output
 
     config = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=G, gradient_accumulation_steps=B, num_generations=G,
@@ -130,8 +146,9 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(PIPELINE / "cold_start" / "final", dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(PIPELINE / "cold_start" / "final")
     tokenizer.padding_side = "left"
-    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward, format_strict], args=config,
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[KeepEvalCheckpoints()])
+    trainer = (GRPOTrainer if record is None else RecordingTrainer)(
+        model=model, reward_funcs=[accuracy_reward, format_strict], args=config, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=[KeepEvalCheckpoints()])
     resumed = any(out.glob("checkpoint-*/trainer_state.json"))
     if resumed:
         print(f"continuing from the latest checkpoint in {out}", flush=True)
@@ -142,8 +159,10 @@ def run_trl(seed: int, every: int, out: Path, max_steps: int | None) -> dict:
                  or int(c.name.split("-")[1]) == trainer.state.global_step]
     for checkpoint in sorted(evaluated, key=lambda p: int(p.name.split("-")[1])):
         done = subprocess.run([sys.executable, "-m", "grpo", "eval", str(PIPELINE / "rl" / "stage_config.yaml"),
-                               "--checkpoint", str(checkpoint), "logging.wandb=disabled"], cwd=ROOT, check=True,
+                               "--checkpoint", str(checkpoint), "logging.wandb=disabled"], cwd=ROOT,
                               capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"grpo eval of {checkpoint} failed:\n{done.stderr[-2000:]}")
         held_out[checkpoint.name.split("-")[1]] = json.loads(done.stdout)["eval/accuracy"]
     return {"seconds": time.perf_counter() - started, "reward": [h["reward"] for h in logs],
             "accuracy": [h["rewards/accuracy_reward/mean"] for h in logs],
