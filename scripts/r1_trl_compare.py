@@ -15,9 +15,11 @@ model then; this trainer evaluates itself with eval.every).
     python scripts/r1_trl_compare.py --render         # the page and plot from the runs already made
 
 A run that finished is not run again: its results go to results.json beside it and into r1_trl.json beside the
-page (docs/results/ for the default --out), which keeps them across clones together with hashes of the SFT model
-they started from and of the stage's settings (a rerun of the pipeline must give the same model, and the
-settings must be the same, for them to count). A TRL run that was
+page (docs/results/ for the default --out), which keeps them across clones together with the hash of the SFT
+model each started from and of the stage's settings (a rerun of the pipeline must give the same model, and the
+settings must be the same, for them to count; the same pipeline on another CPU can give a model that differs in
+its last bits: `--same-sft-as SHA256` accepts such a build after a check that it behaves the same, and the page
+says which runs started from which build). A TRL run that was
 stopped continues from its latest checkpoint (saved every step; its wall time then includes the earlier
 attempt's). Needs TRL:
 `pip install -e .[bench]`.
@@ -193,29 +195,42 @@ def sft_model_hash() -> str:
     return digest.hexdigest()
 
 
+# builds of the SFT model other than the present one whose runs count (--same-sft-as): the same pipeline, rebuilt
+# on another CPU, can differ in the last bits of its weights
+SAME_SFT_AS: set[str] = set()
+
+
 def finished(runs: Path) -> dict:
-    """{"grpo-0": results, ...}: the runs kept in r1_trl.json, then those in `runs` (results.json)."""
+    """{"grpo-0": results, ...}: the runs kept in r1_trl.json, then those in `runs` (results.json). Each run carries
+    the sha256 of the SFT model it started from; runs from another build than the present one (or SAME_SFT_AS)
+    are refused."""
     archive = page_folder(runs) / "r1_trl.json"
     kept = json.loads(archive.read_text()) if archive.is_file() else {"runs": {}}
-    if kept["runs"] and kept["sft_model_sha256"] != sft_model_hash():
-        sys.exit(f"{archive} holds runs from another SFT model than {PIPELINE / 'cold_start' / 'final'} (sha256 "
-                 "differs): rerun the pipeline as it was, or delete the file to start the comparison over")
     if kept["runs"] and kept.get("stage_settings_sha256") != stage_settings():
         sys.exit(f"{archive} holds runs made with other GRPO settings than {PIPELINE / 'rl' / 'stage_config.yaml'} "
                  "(or ADAM_BETAS): restore them, or delete the file to start the comparison over")
+    for run in kept["runs"].values():  # runs archived before each run kept its own hash: the archive's
+        run.setdefault("sft_model_sha256", kept.get("sft_model_sha256"))
     for folder in sorted(runs.glob("*-*")) if runs.is_dir() else []:
         if (folder / "results.json").is_file():
-            kept["runs"][folder.name] = json.loads((folder / "results.json").read_text())
+            kept["runs"][folder.name] = {"sft_model_sha256": sft_model_hash(),
+                                         **json.loads((folder / "results.json").read_text())}
+    other = sorted({r["sft_model_sha256"] for r in kept["runs"].values()} - {sft_model_hash()} - SAME_SFT_AS)
+    if other:
+        sys.exit(f"{archive} holds runs from another SFT model than {PIPELINE / 'cold_start' / 'final'} (sha256 "
+                 f"{', '.join(other)}; this one is {sft_model_hash()}): rerun the pipeline as it was, or delete the "
+                 "file to start the comparison over. If only the bits differ (the same pipeline on another CPU), "
+                 "check that both builds behave the same (the SFT model's held-out evaluation; the first steps of "
+                 "a seed of this trainer) and pass --same-sft-as with the other hash")
     return kept["runs"]
 
 
 def keep(runs: Path) -> None:
-    """Write every finished run into r1_trl.json (with the SFT model's hash), so they outlive the runs folder."""
+    """Write every finished run into r1_trl.json (each with the SFT model's hash), so they outlive the runs folder."""
     results = finished(runs)
     page_folder(runs).mkdir(parents=True, exist_ok=True)
     (page_folder(runs) / "r1_trl.json").write_text(json.dumps(
-        {"sft_model_sha256": sft_model_hash(), "stage_settings_sha256": stage_settings(), "runs": results},
-        indent=1) + "\n")
+        {"stage_settings_sha256": stage_settings(), "runs": results}, indent=1) + "\n")
 
 
 def render(seeds: list[int], runs: Path) -> None:
@@ -281,13 +296,18 @@ def render(seeds: list[int], runs: Path) -> None:
                  "twice its standard error (sqrt(var_a / n_a + var_b / n_b) over the seeds): " + ", ".join(differences)
                  + ".", ""]
     evals = sorted({int(e) for r in results.values() for e in r["held_out"]} - {0})
-    text += ["## Each run", "", f"Held-out accuracy by step (step 0, the SFT model: {sft_accuracy:.2f}).", "",
+    builds = sorted({r["sft_model_sha256"] for r in results.values()})
+    text += ["## Each run", "", f"Held-out accuracy by step (step 0, the SFT model: {sft_accuracy:.2f})."
+             + (f" The runs started from {len(builds)} builds of the SFT model by the same pipeline on different "
+                "machines (the last column: the first 8 hex digits of its sha256)." if len(builds) > 1 else ""), "",
              "| trainer | seed | " + " | ".join(f"step {e}" for e in evals) + " | mean reward, steps 1-"
-             f"{cfg['train']['max_steps']} |", "|---|---|" + "---|" * (len(evals) + 1)]
+             f"{cfg['train']['max_steps']} |" + (" SFT build |" if len(builds) > 1 else ""),
+             "|---|---|" + "---|" * (len(evals) + 1 + (len(builds) > 1))]
     for (trainer, seed), r in sorted(results.items()):
         cells = [f"{r['held_out'][str(e)]:.2f}" if str(e) in r["held_out"] else "-" for e in evals]
         text.append(f"| {'this trainer' if trainer == 'grpo' else 'TRL 1.16'} | {seed} | {' | '.join(cells)} | "
-                    f"{statistics.mean(r['reward']):.2f} |")
+                    f"{statistics.mean(r['reward']):.2f} |" + (f" {r['sft_model_sha256'][:8]} |" if len(builds) > 1
+                                                                else ""))
     text.append("")
     (into / "r1_trl.md").write_text("\n".join(text))
     print("\n".join(text))
@@ -304,14 +324,17 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, default=PIPELINE,
                         help="the pipeline run whose cold_start model and rl settings both trainers use")
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--same-sft-as", nargs="+", default=[], metavar="SHA256",
+                        help="other builds of the SFT model whose runs count (the same pipeline on another CPU)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     PIPELINE = args.pipeline.resolve()
+    SAME_SFT_AS.update(args.same_sft_as)
     if args.worker:  # one TRL run in its own process
         trainer, seed = args.worker
         out = args.out / f"{trainer}-{seed}"
         result = run_trl(int(seed), args.eval_every, out, args.max_steps)
-        (out / "results.json").write_text(json.dumps(result))
+        (out / "results.json").write_text(json.dumps({"sft_model_sha256": sft_model_hash(), **result}))
         return
     if not args.render:
         for seed in args.seeds:
@@ -322,7 +345,7 @@ def main() -> None:
                 print(f"--- {trainer} seed {seed} ---", flush=True)
                 if trainer == "grpo":
                     result = run_grpo(seed, args.eval_every, out, args.max_steps)
-                    (out / "results.json").write_text(json.dumps(result))
+                    (out / "results.json").write_text(json.dumps({"sft_model_sha256": sft_model_hash(), **result}))
                 else:
                     subprocess.run([sys.executable, __file__, "--worker", trainer, str(seed), "--out", str(args.out),
                                     "--pipeline", str(PIPELINE),

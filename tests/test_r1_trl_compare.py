@@ -31,13 +31,14 @@ def test_runs_are_kept_and_refused_when_the_model_or_the_settings_change(compare
     module, pipeline, runs = compare
     module.keep(runs)
     (runs / "grpo-0" / "results.json").unlink()  # from now on only the archive holds the run
-    assert module.finished(runs) == {"grpo-0": {"reward": [0.5]}}
+    run = {"grpo-0": {"reward": [0.5], "sft_model_sha256": module.sft_model_hash()}}
+    assert module.finished(runs) == run
 
     config = pipeline / "rl" / "stage_config.yaml"
     settings = yaml.safe_load(config.read_text())
     settings["train"]["output_dir"] = "elsewhere"  # paths do not count
     config.write_text(yaml.safe_dump(settings))
-    assert module.finished(runs) == {"grpo-0": {"reward": [0.5]}}
+    assert module.finished(runs) == run
 
     settings["optim"]["lr"] = 2e-5
     config.write_text(yaml.safe_dump(settings))
@@ -50,3 +51,24 @@ def test_runs_are_kept_and_refused_when_the_model_or_the_settings_change(compare
     module.sft_model_hash.cache_clear()
     with pytest.raises(SystemExit, match="another SFT model"):
         module.finished(runs)
+
+
+def test_each_run_keeps_the_sft_build_it_started_from(compare):
+    module, pipeline, runs = compare
+    module.keep(runs)
+    first = module.sft_model_hash()
+    (pipeline / "cold_start" / "final" / "model.safetensors").write_bytes(b"the same model, rebuilt elsewhere")
+    module.sft_model_hash.cache_clear()
+    (runs / "grpo-0" / "results.json").unlink()
+    (runs / "trl-1").mkdir()
+    (runs / "trl-1" / "results.json").write_text(json.dumps({"reward": [0.25]}))
+    with pytest.raises(SystemExit, match=f"another SFT model.*{first}"):
+        module.finished(runs)
+    module.SAME_SFT_AS.add(first)
+    try:
+        module.keep(runs)
+        done = module.finished(runs)
+    finally:
+        module.SAME_SFT_AS.clear()
+    assert done["grpo-0"] == {"reward": [0.5], "sft_model_sha256": first}
+    assert done["trl-1"] == {"reward": [0.25], "sft_model_sha256": module.sft_model_hash()}

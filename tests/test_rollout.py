@@ -5,7 +5,7 @@ from grpo.config import RolloutConfig
 from grpo.modeling.logprobs import completion_logprobs, position_ids_from_mask, token_logprobs
 from grpo.rollout import completion_mask, generate, sample_tokens
 
-from conftest import make_model, make_tokenizer
+from conftest import ROOT, load_script, make_model, make_tokenizer
 
 
 def test_completion_mask_keeps_the_real_eos_when_pad_equals_eos():
@@ -125,3 +125,23 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(seed
         n = int(lengths[i])
         assert ours.completion_ids[i, :n].tolist() == ref[i, :n].tolist()
         assert ours.completion_ids[i, n:].eq(tok.pad_token_id).all()
+
+
+def test_sampler_check_compares_the_two_samplers_on_the_same_prompts(tiny_model_dir, tmp_path):
+    """scripts/sampler_check.py: this trainer's sampler and `generate` on a tiny model, 16 questions x 4;
+    each statistic's means agree within 4 standard errors (both samplers are seeded: the outcome is fixed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # larger logits: a peaked next-token distribution, where the temperature matters
+        model.get_input_embeddings().weight.mul_(6.0)
+    model.save_pretrained(tmp_path / "peaked")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "peaked")
+    check = load_script("sampler_check").check
+    result = check(str(ROOT / "configs/quickstart.yaml"), str(tmp_path / "peaked"), 16, 0, [
+        f"data.path={ROOT / 'data/arithmetic/train.jsonl'}", "rollout.num_generations=4",
+        "rollout.max_completion_length=8", "rollout.temperature=1.0"])
+    assert result["completions"] == 64
+    for name, row in result["statistics"].items():
+        assert abs(row["z"]) < 4, (name, row)
+    assert result["statistics"]["logprob"]["grpo"][1] > 0  # the samples differ
