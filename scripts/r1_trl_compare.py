@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import shutil
 import statistics
@@ -233,6 +234,22 @@ def keep(runs: Path) -> None:
         {"stage_settings_sha256": stage_settings(), "runs": results}, indent=1) + "\n")
 
 
+def rank_sum_p(a: list[float], b: list[float]) -> float:
+    """Exact two-sided p-value of the Wilcoxon rank-sum (Mann-Whitney) test, ties given mid-ranks.
+
+    W = sum of the ranks of `a` in a + b. Under the null hypothesis (both samples from one distribution) each of
+    the C(n, n_a) ways to pick n_a of the pooled ranks as `a`'s is equally likely, and E[W] = n_a (n + 1) / 2;
+    p = the share of those picks with |W' - E[W]| >= |W - E[W]|. Enumerated (C(18, 9) = 48620 for 9 seeds each).
+    """
+    pooled = sorted(a + b)
+    rank = {v: statistics.mean(i + 1 for i, w in enumerate(pooled) if w == v) for v in set(pooled)}
+    ranks = [rank[v] for v in a + b]
+    expected = len(a) * (len(ranks) + 1) / 2
+    observed = abs(sum(rank[v] for v in a) - expected)
+    picks = list(itertools.combinations(ranks, len(a)))
+    return sum(abs(sum(pick) - expected) >= observed - 1e-9 for pick in picks) / len(picks)
+
+
 def render(seeds: list[int], runs: Path) -> None:
     """The page and plot (page_folder)."""
     into = page_folder(runs)
@@ -242,8 +259,12 @@ def render(seeds: list[int], runs: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg = stage_config()
-    sft_accuracy = json.loads((PIPELINE / "rl" / "metrics.jsonl").read_text().splitlines()[0]).get("eval/accuracy")
     done = finished(runs)
+    before = {r["held_out"]["0"] for r in done.values() if "0" in r["held_out"]}  # this trainer evaluates at step 0
+    if len(before) != 1:
+        sys.exit(f"the runs' held-out accuracy of the SFT model (step 0) is {sorted(before) or 'missing'}: one value "
+                 "expected (every run of this trainer evaluates it before its first step)")
+    sft_accuracy = before.pop()
     results = {(t, s): done[f"{t}-{s}"] for t in ("grpo", "trl") for s in seeds if f"{t}-{s}" in done}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lines = []
@@ -281,7 +302,8 @@ def render(seeds: list[int], runs: Path) -> None:
     for label, runs, steps, mean, low, high, evals, held in lines:
         text += [f"## {label}", "",
                  "Mean reward by step (min-max over seeds): " + ", ".join(
-                     f"{s}: {mean[s - 1]:.2f} ({low[s - 1]:.2f}-{high[s - 1]:.2f})" for s in steps) + ".", "",
+                     f"{s}: {mean[s - 1]:.2f} ({low[s - 1]:.2f}-{high[s - 1]:.2f})" for s in steps)
+                 + f"; over all steps and seeds {statistics.mean(mean):.3f}.", "",
                  "Held-out accuracy (mean of seeds): " + ", ".join(f"step {e}: {h:.2f}" for e, h in zip(evals, held))
                  + f". Mean step {statistics.mean(t for r in runs for t in r['step_time']):.1f} s.", ""]
     ours = [r for (t, _), r in results.items() if t == "grpo"]
@@ -296,6 +318,17 @@ def render(seeds: list[int], runs: Path) -> None:
                  "twice its standard error (sqrt(var_a / n_a + var_b / n_b) over the seeds): " + ", ".join(differences)
                  + ".", ""]
     evals = sorted({int(e) for r in results.values() for e in r["held_out"]} - {0})
+    if len(ours) > 1 and len(theirs) > 1:
+        rows = []
+        for e in evals:
+            a = [r["held_out"][str(e)] for r in ours if str(e) in r["held_out"]]
+            b = [r["held_out"][str(e)] for r in theirs if str(e) in r["held_out"]]
+            rows.append(f"| {e} | {statistics.mean(a):.3f} ({len(a)}) | {statistics.mean(b):.3f} ({len(b)}) | "
+                        f"{statistics.median(a):.2f} | {statistics.median(b):.2f} | {rank_sum_p(a, b):.3f} |")
+        text += ["## Held-out accuracy, this trainer against TRL", "", "Mean (seeds) and median of each trainer's "
+                 "seeds, and the exact two-sided p-value of the rank-sum test that both come from one distribution.",
+                 "", "| step | this trainer | TRL 1.16 | median, this trainer | median, TRL | rank-sum p |",
+                 "|---|---|---|---|---|---|", *rows, ""]
     builds = sorted({r["sft_model_sha256"] for r in results.values()})
     text += ["## Each run", "", f"Held-out accuracy by step (step 0, the SFT model: {sft_accuracy:.2f})."
              + (f" The runs started from {len(builds)} builds of the SFT model by the same pipeline on different "

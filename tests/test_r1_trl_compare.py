@@ -72,3 +72,13 @@ def test_each_run_keeps_the_sft_build_it_started_from(compare):
         module.SAME_SFT_AS.clear()
     assert done["grpo-0"] == {"reward": [0.5], "sft_model_sha256": first}
     assert done["trl-1"] == {"reward": [0.25], "sft_model_sha256": module.sft_model_hash()}
+
+
+def test_rank_sum_p_by_hand():
+    rank_sum_p = load_script("r1_trl_compare").rank_sum_p
+    # ranks of a: 1, 2 -> W = 3, E[W] = 5; of the 6 picks of 2 ranks from 1-4 only {1, 2} and {3, 4} are as far
+    assert rank_sum_p([1.0, 2.0], [3.0, 4.0]) == pytest.approx(2 / 6)
+    # ties: a = [1, 2], b = [2, 3] -> mid-ranks 1, 2.5, 2.5, 4; W = 3.5, E[W] = 5; picks with |W' - 5| >= 1.5:
+    # {1, 2.5} twice (3.5) and {2.5, 4} twice (6.5) of 6
+    assert rank_sum_p([1.0, 2.0], [2.0, 3.0]) == pytest.approx(4 / 6)
+    assert rank_sum_p([0.3, 0.3], [0.3, 0.3]) == 1.0
