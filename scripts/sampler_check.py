@@ -9,7 +9,7 @@ the policy, each statistic's means agree within their standard errors (over comp
 question are correlated, so the real error is somewhat larger).
 
     python scripts/sampler_check.py CONFIG MODEL [overrides ...] [--prompts 256] [--first 300]
-    python scripts/sampler_check.py runs/numbers/r1_cpu/rl/stage_config.yaml runs/numbers/r1_trl/trl-6/checkpoint-5
+    python scripts/sampler_check.py runs/numbers/r1_cpu/rl/stage_config.yaml runs/numbers/r1_trl/trl-7/checkpoint-5
 """
 
 from __future__ import annotations
