@@ -9,7 +9,8 @@ plain PyTorch redoes the step on the same rollouts, from the weights before:
     loss  = -1/N sum_i (1/|o_i|) sum_t A_i * exp(logp - sg(logp))   (on-policy: ratio 1, beta 0)
     clip_grad_norm_(max_grad_norm); AdamW (torch's per-parameter loop)
 
-and the script reports, per parameter, how far the trainer's gradient and new weights are from these.
+and the script reports, per parameter, how far the trainer's gradient and new weights are from these, and how far
+its new weights are from its own gradients put through plain clipping and AdamW (the optimizer alone).
 
     python scripts/step_check.py CONFIG [overrides ...]      # e.g. the R1 stage's config and model
     python scripts/step_check.py runs/numbers/r1_cpu/rl/stage_config.yaml train.output_dir=/tmp/step
@@ -108,7 +109,26 @@ def compare(seen: dict, cfg) -> dict:
                        (seen["grads"][prefix + n] - g).abs().max().item()) for n, g in grads.items()}
     return {"advantages": (seen["batch"].advantages.cpu() - advantages).abs().max().item(), "grads": grad_errors,
             "weights": {n: (seen["after"][n] - v).abs().max().item() for n, v in model.state_dict().items()},
+            "optimizer": optimizer_step_error(seen, cfg, model, prefix),
             "grad_norm": torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item()}
+
+
+def optimizer_step_error(seen: dict, cfg, model: torch.nn.Module, prefix: str) -> float:
+    """The trainer's own gradients through plain clipping and AdamW from the weights before: the largest difference
+    from the trainer's weights after, in float32 roundings of the weight, |w - w_plain| / (eps * max(|w|, lr)).
+    The end-to-end weights can differ by up to 2 lr where a gradient element is near 0 (AdamW's first step is
+    lr * g / (|g| + eps), so rounding can flip its sign); this isolates the optimizer."""
+    model.load_state_dict(seen["before"])
+    for name, parameter in model.named_parameters():
+        parameter.grad = seen["grads"][prefix + name].clone()
+    if cfg.optim.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+    o = cfg.optim
+    torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
+                      foreach=False).step()
+    eps = torch.finfo(torch.float32).eps  # one float32 rounding of a weight w is at most eps * |w|
+    return max(((seen["after"][n] - v).abs() / (eps * v.abs().clamp(min=o.lr))).max().item()
+               for n, v in model.state_dict().items())
 
 
 def main() -> None:
@@ -127,7 +147,8 @@ def main() -> None:
     print(f"gradients: largest relative error ||g - g_plain|| / ||g_plain|| {worst[1][0]:.2e} ({worst[0]}); "
           f"largest absolute {max(e[1] for e in result['grads'].values()):.2e}; plain gradient norm "
           f"{result['grad_norm']:.3e}")
-    print(f"weights after the step: largest |difference| {moved[1]:.2e} ({moved[0]}), lr {cfg.optim.lr}")
+    print(f"weights after the step: largest |difference| {moved[1]:.2e} ({moved[0]}), lr {cfg.optim.lr}; "
+          f"from the trainer's own gradients through plain AdamW: {result['optimizer']:.1f} float32 roundings")
 
 
 if __name__ == "__main__":

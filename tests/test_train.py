@@ -230,5 +230,7 @@ def test_one_step_equals_plain_pytorch_grpo_on_the_same_rollouts(run_args):
     assert result["advantages"] < 1e-6
     assert result["grad_norm"] > 0.05  # the clipping is exercised
     assert max(relative for relative, _ in result["grads"].values()) < 1e-5
-    assert max(result["weights"].values()) < 1e-5
+    assert result["optimizer"] < 8  # the trainer's own gradients: clipping and AdamW are plain PyTorch's, to rounding
+    # end to end, gradient rounding on elements near 0 can flip AdamW's first step: at most 2 lr apart
+    assert max(result["weights"].values()) < 2 * cfg.optim.lr
     assert any(not torch.equal(seen["before"][k], seen["after"][k]) for k in seen["after"])
