@@ -226,6 +226,11 @@ def finished(runs: Path) -> dict:
     return kept["runs"]
 
 
+def write_results(out: Path, result: dict) -> None:
+    """A finished run's results.json, with the hash of the SFT model it started from."""
+    (out / "results.json").write_text(json.dumps({"sft_model_sha256": sft_model_hash(), **result}))
+
+
 def keep(runs: Path) -> None:
     """Write every finished run into r1_trl.json (each with the SFT model's hash), so they outlive the runs folder."""
     results = finished(runs)
@@ -366,8 +371,7 @@ def main() -> None:
     if args.worker:  # one TRL run in its own process
         trainer, seed = args.worker
         out = args.out / f"{trainer}-{seed}"
-        result = run_trl(int(seed), args.eval_every, out, args.max_steps)
-        (out / "results.json").write_text(json.dumps({"sft_model_sha256": sft_model_hash(), **result}))
+        write_results(out, run_trl(int(seed), args.eval_every, out, args.max_steps))
         return
     if not args.render:
         for seed in args.seeds:
@@ -377,8 +381,7 @@ def main() -> None:
                     continue
                 print(f"--- {trainer} seed {seed} ---", flush=True)
                 if trainer == "grpo":
-                    result = run_grpo(seed, args.eval_every, out, args.max_steps)
-                    (out / "results.json").write_text(json.dumps({"sft_model_sha256": sft_model_hash(), **result}))
+                    write_results(out, run_grpo(seed, args.eval_every, out, args.max_steps))
                 else:
                     subprocess.run([sys.executable, __file__, "--worker", trainer, str(seed), "--out", str(args.out),
                                     "--pipeline", str(PIPELINE),

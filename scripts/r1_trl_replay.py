@@ -126,8 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     trl_out = args.out / f"trl-{args.seed}"
     if args.worker:  # TRL's run in its own process
-        result = compare.run_trl(args.seed, args.eval_every, trl_out, args.max_steps, record=trl_out / "batches")
-        (trl_out / "results.json").write_text(json.dumps(result))
+        compare.write_results(trl_out, compare.run_trl(args.seed, args.eval_every, trl_out, args.max_steps,
+                                                       record=trl_out / "batches"))
         return
     if not args.replay_only:
         subprocess.run([sys.executable, __file__, "--worker", "--seed", str(args.seed), "--out", str(args.out),

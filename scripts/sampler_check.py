@@ -30,12 +30,12 @@ STATISTICS = ("logprob", "length", "truncated", "accuracy", "format")
 
 def teacher_logprobs(model, prompt_ids, prompt_mask, completion_ids, mask, temperature: float) -> torch.Tensor:
     """Mean log softmax(logits / T)[token] over each completion's tokens, from one plain forward pass: [N]."""
-    ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
-    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    from grpo.modeling.logprobs import completion_logprobs
+
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-    logits = logits[:, prompt_ids.shape[1] - 1:-1].float() / temperature
-    token = torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        token = completion_logprobs(model, torch.cat([prompt_ids, completion_ids], 1),
+                                    torch.cat([prompt_mask, mask], 1), completion_ids.shape[1], temperature,
+                                    fused_head=False)
     return (token * mask).sum(1) / mask.sum(1)
 
 
@@ -54,10 +54,12 @@ def sample(which: str, model, tokenizer, examples: list[dict], cfg, chunk: int =
         batch = examples[start:start + chunk]
         prompts = [e["prompt"] for e in batch]
         if which == "grpo":
-            onednn.install(model)
             seeds = [1_000_003 * start + i for i in range(len(prompts) * G)]
-            out = generate(model, tokenizer, prompts, G, r, seeds=seeds)
-            onednn.uninstall(model)
+            onednn.install(model)  # as a run samples; the scoring below takes the plain layers
+            try:
+                out = generate(model, tokenizer, prompts, G, r, seeds=seeds)
+            finally:
+                onednn.uninstall(model)
             ids, mask, prompt_ids, prompt_mask, texts = (out.completion_ids, out.completion_mask, out.prompt_ids,
                                                          out.prompt_mask, out.texts)
         else:

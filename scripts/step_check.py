@@ -89,12 +89,17 @@ def plain_step(seen: dict, cfg) -> tuple[torch.nn.Module, dict, torch.Tensor]:
         loss = -((ratio * advantages[rows].unsqueeze(1) * mask[rows]).sum(dim=1) / mask[rows].sum(dim=1)).sum() / N
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    if cfg.optim.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+    plain_optimizer_step(model, cfg)
+    return model, grads, advantages
+
+
+def plain_optimizer_step(model: torch.nn.Module, cfg) -> None:
+    """clip_grad_norm_(max_grad_norm), then one step of torch's AdamW (its per-parameter loop) on model's grads."""
     o = cfg.optim
+    if o.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
     torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
                       foreach=False).step()
-    return model, grads, advantages
 
 
 def compare(seen: dict, cfg) -> dict:
@@ -121,13 +126,9 @@ def optimizer_step_error(seen: dict, cfg, model: torch.nn.Module, prefix: str) -
     model.load_state_dict(seen["before"])
     for name, parameter in model.named_parameters():
         parameter.grad = seen["grads"][prefix + name].clone()
-    if cfg.optim.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-    o = cfg.optim
-    torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
-                      foreach=False).step()
+    plain_optimizer_step(model, cfg)
     eps = torch.finfo(torch.float32).eps  # one float32 rounding of a weight w is at most eps * |w|
-    return max(((seen["after"][n] - v).abs() / (eps * v.abs().clamp(min=o.lr))).max().item()
+    return max(((seen["after"][n] - v).abs() / (eps * v.abs().clamp(min=cfg.optim.lr))).max().item()
                for n, v in model.state_dict().items())
 
 
